@@ -1,0 +1,217 @@
+"""Module swapping: replace every quantizable ``nn.Conv2d`` / ``nn.Linear`` by its quantized twin,
+as a ``QConfig`` says. No tracing: the model keeps its class, its forward code and its hooks."""
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from .nn import QUANT_LAYERS, QConv2d, QLinear
+from .observers import build_observer
+from .qconfig import LayerQConfig, QConfig
+from .quantizers import QScheme, UniformQuantizer
+
+# Subclasses whose forward is the plain convolution / linear map (the mmcv wrappers only add
+# empty-tensor handling), so swapping them loses nothing. Named, not imported: no mmcv needed.
+_PLAIN_SUBCLASSES = {'mmcv.cnn.bricks.wrappers.Conv2d', 'mmcv.cnn.bricks.wrappers.Linear'}
+
+
+def _qualname(m: nn.Module) -> str:
+    return f'{type(m).__module__}.{type(m).__qualname__}'
+
+
+def classify_layer(m: nn.Module) -> Tuple[Optional[type], Optional[str]]:
+    """``(twin class, None)`` for a layer we can swap, ``(None, reason)`` for a conv / linear we
+    must leave float, ``(None, None)`` for everything else."""
+    if isinstance(m, QUANT_LAYERS):
+        return None, 'already quantized'
+    for base, twin in ((nn.Conv2d, QConv2d), (nn.Linear, QLinear)):
+        if isinstance(m, base):
+            if type(m) is base or _qualname(m) in _PLAIN_SUBCLASSES:
+                if base is nn.Conv2d and m.padding_mode != 'zeros':
+                    return None, f'padding_mode={m.padding_mode!r} (only zero padding is quantized)'
+                return twin, None
+            return None, f'{_qualname(m)} changes the {base.__name__} forward; not swapped'
+    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return None, f'{type(m).__name__} has no quantized twin yet'
+    return None, None
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    type: str
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    role: str = ''
+    reason: str = ''
+
+
+@dataclass
+class ConversionReport:
+    quantized: List[LayerRecord] = field(default_factory=list)
+    kept_float: List[LayerRecord] = field(default_factory=list)
+    first_layers: List[str] = field(default_factory=list)
+    last_layers: List[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f'mmquant: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept float']
+        for r in self.quantized:
+            a = 'float' if r.a_bits is None else f'a{r.a_bits}'
+            lines.append(f'  q  {r.name:<60s} {r.type:<8s} w{r.w_bits} {a:<5s} {r.role}')
+        for r in self.kept_float:
+            lines.append(f'  fp {r.name:<60s} {r.type:<8s} {r.reason}')
+        return '\n'.join(lines)
+
+
+def find_io_layers(model: nn.Module, names: List[str],
+                   example_forward: Callable[[], object]) -> Tuple[Set[str], Set[str]]:
+    """Find the input layers (no quantizable layer upstream) and the output layers (no quantizable
+    layer downstream) among ``names`` by one forward pass, following the autograd graph from each
+    layer's input back to the nearest layer outputs. Exact through any functional code (residual
+    adds, concatenation, RoI ops), and heads shared across FPN levels are handled."""
+    modules = dict(model.named_modules())
+    out_node: Dict[object, str] = {}
+    in_nodes: Dict[str, list] = {n: [] for n in names}
+    handles = []
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            x = inputs[0] if inputs else None
+            in_nodes[name].append(getattr(x, 'grad_fn', None))
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                out_node[output.grad_fn] = name
+        return fn
+
+    for n in names:
+        handles.append(modules[n].register_forward_hook(hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            example_forward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    has_upstream, feeds = set(), set()
+    for name, nodes in in_nodes.items():
+        for start in nodes:
+            stack, seen = [start] if start is not None else [], set()
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                if node in out_node:
+                    feeds.add(out_node[node])
+                    has_upstream.add(name)
+                    continue
+                stack.extend(nxt for nxt, _ in node.next_functions)
+    called = {n for n, nodes in in_nodes.items() if nodes}
+    first = called - has_upstream
+    last = called - feeds
+    return first, last
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_patterns(patterns, names, what):
+    for p in patterns:
+        if not any(_matches(n, p) for n in names):
+            raise ValueError(f'{what} pattern {p!r} matches no quantizable layer; layer names look '
+                             f'like {names[0]!r} ... {names[-1]!r}' if names else
+                             f'{what} pattern {p!r} matches no quantizable layer (the model has none)')
+
+
+def layer_qconfig(name: str, qconfig: QConfig, first: Set[str], last: Set[str]):
+    """The resolved settings of one layer and its role (``first`` / ``last`` / '')."""
+    cfg: LayerQConfig = qconfig.default
+    role = ''
+    for layers, bits, tag in ((first, qconfig.first_layer_bits, 'first'),
+                              (last, qconfig.last_layer_bits, 'last')):
+        if name in layers:
+            role = tag if not role else f'{role}+{tag}'
+            if bits is not None:
+                cfg = replace(cfg, w_bits=bits, a_bits=None if cfg.a_bits is None else bits)
+    for pattern, ov in qconfig.overrides.items():
+        if _matches(name, pattern):
+            cfg = replace(cfg, **ov)
+            role = f'{role} override:{pattern}'.strip()
+    return cfg, role
+
+
+def build_quantizers(layer: nn.Module, cfg: LayerQConfig):
+    w_scheme = QScheme(bits=cfg.w_bits, symmetric=cfg.w_symmetric, signed=True,
+                       narrow_range=cfg.w_narrow_range, per_channel=cfg.w_per_channel, ch_axis=0)
+    wq = UniformQuantizer(w_scheme, num_channels=layer.weight.shape[0],
+                          observer=build_observer(cfg.w_observer, w_scheme.per_channel, 0,
+                                                  **cfg.w_observer_kwargs))
+    aq = None
+    if cfg.a_bits is not None:
+        a_scheme = QScheme(bits=cfg.a_bits, symmetric=cfg.a_symmetric, signed=cfg.a_signed)
+        aq = UniformQuantizer(a_scheme, observer=build_observer(cfg.a_observer, **cfg.a_observer_kwargs))
+    return wq, aq
+
+
+def convert(model: nn.Module, qconfig: QConfig,
+            example_forward: Optional[Callable[[], object]] = None,
+            io_layers: Optional[Tuple[Set[str], Set[str]]] = None) -> ConversionReport:
+    """Swap the model's layers in place and return what was done.
+
+    The input and output layers (for ``first/last_layer_bits``) are, in order of preference:
+    ``io_layers`` given as ``(first names, last names)`` (e.g. read back from a checkpoint);
+    found by :func:`find_io_layers` through ``example_forward`` (a no-argument callable running
+    the model on one real batch); else the first and last quantizable layers in registration
+    order (right for classifiers, not for detectors with several heads).
+    """
+    report = ConversionReport()
+    candidates, unsupported = [], []
+    for name, m in model.named_modules():
+        twin, reason = classify_layer(m)
+        if twin is not None:
+            candidates.append(name)
+        elif reason is not None and reason != 'already quantized':
+            unsupported.append((name, m, reason))
+    names = candidates
+    _check_patterns(list(qconfig.overrides), names, 'override')
+    _check_patterns(qconfig.skip, names, 'skip')
+
+    if not names:
+        report.kept_float = [LayerRecord(n, type(m).__name__, reason=r) for n, m, r in unsupported]
+        return report
+    if io_layers is not None:
+        first, last = (set(s) for s in io_layers)
+        _check_patterns(sorted(first | last), names, 'first/last layer')
+    elif example_forward is not None:
+        first, last = find_io_layers(model, names, example_forward)
+    else:
+        first, last = {names[0]}, {names[-1]}
+
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        kind = 'conv' if isinstance(m, nn.Conv2d) else 'linear'
+        skip = next((p for p in qconfig.skip if _matches(name, p)), None)
+        if skip is not None:
+            report.kept_float.append(LayerRecord(name, kind, reason=f'skip pattern {skip!r}'))
+            continue
+        cfg, role = layer_qconfig(name, qconfig, first, last)
+        twin, _ = classify_layer(m)
+        wq, aq = build_quantizers(m, cfg)
+        q = twin.from_float(m, wq, aq)
+        parent_name, _, child = name.rpartition('.')
+        setattr(modules[parent_name] if parent_name else model, child, q)
+        report.quantized.append(LayerRecord(name, kind, cfg.w_bits, cfg.a_bits, role))
+    report.kept_float += [LayerRecord(n, type(m).__name__, reason=r) for n, m, r in unsupported]
+    report.first_layers, report.last_layers = sorted(first), sorted(last)
+    return report
+
+
+def quant_layers(model: nn.Module):
+    """``(name, layer)`` of every quantized twin in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]

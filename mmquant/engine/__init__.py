@@ -1,0 +1,10 @@
+"""OpenMMLab glue: registered entry points found through ``custom_imports=['mmquant']``."""
+from .checkpoint import allow_openmmlab_checkpoints
+from .hooks import QuantCalibrationHook
+from .model import build_quantized_model
+from .ptq_loop import PTQLoop, tensor_forward
+
+allow_openmmlab_checkpoints()
+
+__all__ = ['PTQLoop', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward',
+           'allow_openmmlab_checkpoints']

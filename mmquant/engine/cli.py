@@ -1,0 +1,51 @@
+"""What tools/train.py and tools/test.py share: the quantization flags and checkpoint peeking."""
+import os.path as osp
+import sys
+
+import torch
+
+from ..ptq import PTQ_METHODS, check_method
+from ..qconfig import parse_bits
+
+
+def add_quant_args(parser, train: bool):
+    what = ('observers that initialise fake-quant training' if train else 'post-training method')
+    parser.add_argument('--quant', metavar='NAME',
+                        help=f'quantization {what}: one of {", ".join(sorted(PTQ_METHODS))}')
+    parser.add_argument('--quant-bits', metavar='wNaM',
+                        help="bits, e.g. 'w4a8', or 'w3' for weight-only (default 'w8a8')")
+    if not train:
+        parser.add_argument('--calib-images', type=int, metavar='N',
+                            help='calibration images from the train set (default 1024; 64 for mmdet)')
+
+
+def fail(msg: str):
+    """One clear line on stderr and a non-zero exit."""
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def check_quant_args(args):
+    """Validate ``--quant`` / ``--quant-bits`` before anything heavy is built."""
+    try:
+        if args.quant is not None:
+            check_method(args.quant)
+        if args.quant_bits is not None:
+            parse_bits(args.quant_bits)
+            if args.quant is None:
+                fail('--quant-bits needs --quant NAME')
+    except ValueError as e:
+        fail(str(e))
+
+
+def check_file(path: str, what: str):
+    if not osp.isfile(path):
+        fail(f'{what} {path!r} does not exist')
+
+
+def quant_meta(checkpoint: str):
+    """The ``mmquant`` meta of a quantized checkpoint, or ``None`` for a float one."""
+    if not osp.isfile(checkpoint):
+        return None
+    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    return (ckpt.get('meta') or {}).get('mmquant') if isinstance(ckpt, dict) else None

@@ -1,0 +1,33 @@
+"""``QuantizedModel``: the config entry point that builds any registered model and swaps its layers.
+
+    model = dict(type='QuantizedModel', architecture=_base_.model, qconfig=dict(...), bits='w4a8')
+
+It is registered as a builder *function*: what it returns is the architecture itself (an
+``ImageClassifier``, a ``FCOS``...), converted in place, so every mode, the data preprocessor,
+hooks, evaluators and checkpoints work unchanged and checkpoint keys stay those of the
+architecture plus the quantizer buffers.
+"""
+from typing import Optional, Sequence
+
+from mmengine.registry import MODELS
+
+from ..convert import convert
+from ..qconfig import QConfig
+
+
+@MODELS.register_module(name='QuantizedModel')
+def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bits: Optional[str] = None,
+                          first_layers: Optional[Sequence[str]] = None,
+                          last_layers: Optional[Sequence[str]] = None, **kwargs):
+    """Build ``architecture`` and convert it by ``qconfig`` (``bits`` such as ``'w4a8'`` sets the
+    default bits). ``first_layers`` / ``last_layers`` name the input / output layers; a quantized
+    checkpoint records them, and without them the first / last layers in registration order
+    are taken."""
+    if kwargs:
+        raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
+                        'architecture, qconfig, bits, first_layers, last_layers')
+    model = MODELS.build(architecture)
+    io = None if first_layers is None and last_layers is None else (set(first_layers or ()), set(last_layers or ()))
+    report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)
+    model.mmquant_report = report
+    return model

@@ -1,0 +1,161 @@
+"""``PTQLoop``: a ``TestLoop`` that quantizes the model before it evaluates it.
+
+    test_cfg = dict(type='PTQLoop', method='minmax', bits='w4a8', calib_images=1024)
+
+Order of work: convert the model (unless it already is), restore calibrated quantizers from the
+loaded checkpoint if it holds them, otherwise calibrate on ``calib_images`` images and save the
+quantized checkpoint (meta records method, qconfig and the input/output layers, so
+``tools/test.py CONFIG THAT.pth`` evaluates it again without recalibrating); then evaluate with
+the config's evaluator.
+"""
+import copy
+import os
+import os.path as osp
+import time
+from typing import Optional, Sequence
+
+import torch
+from mmengine.model import is_model_wrapper
+from mmengine.registry import LOOPS
+from mmengine.runner import TestLoop
+from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
+
+from ..convert import convert, quant_layers
+from ..ptq import build_ptq
+from .progress import Progress
+
+
+def tensor_forward(model, data):
+    """The calibration forward pass: data preprocessor, then the ``tensor`` mode (backbone, neck
+    and heads, the RoI heads of two-stage detectors included; no post-processing)."""
+    data = model.data_preprocessor(data, False)
+    return model(**data, mode='tensor')
+
+
+def default_calib_dataloader(runner, test_dataloader: dict):
+    """The runner's train dataloader with the test pipeline (no augmentation), shuffled, so
+    calibration sees training images as the model will see test images."""
+    train = getattr(runner, '_train_dataloader', None)
+    if not isinstance(train, dict):
+        return None
+    cfg = copy.deepcopy(train)
+    test_pipeline = test_dataloader.get('dataset', {}).get('pipeline')
+    if test_pipeline is not None and 'pipeline' in cfg.get('dataset', {}):
+        cfg['dataset']['pipeline'] = copy.deepcopy(test_pipeline)
+    cfg['persistent_workers'] = False
+    cfg['sampler'] = dict(type='DefaultSampler', shuffle=True)
+    cfg.pop('batch_sampler', None)
+    return cfg
+
+
+def _take_images(dataloader, n: int):
+    """Batches from ``dataloader`` holding exactly ``n`` images (fewer if the set is smaller)."""
+    out, seen = [], 0
+    for data in dataloader:
+        k = len(data['inputs'])
+        if seen + k > n:
+            keep = n - seen
+            data = {key: (v[:keep] if isinstance(v, (list, tuple, torch.Tensor)) else v)
+                    for key, v in data.items()}
+            k = keep
+        out.append(data)
+        seen += k
+        if seen >= n:
+            break
+    return out, seen
+
+
+@LOOPS.register_module()
+class PTQLoop(TestLoop):
+
+    def __init__(self, runner, dataloader, evaluator, method: str = 'minmax', bits: Optional[str] = None,
+                 qconfig: Optional[dict] = None, calib_dataloader=None, calib_images: Optional[int] = None,
+                 first_layers: Optional[Sequence[str]] = None, last_layers: Optional[Sequence[str]] = None,
+                 save_checkpoint: bool = True, fp16: bool = False):
+        self.method = build_ptq(method, qconfig, bits)
+        if calib_dataloader is None and isinstance(dataloader, dict):
+            calib_dataloader = default_calib_dataloader(runner, dataloader)
+        if calib_images is None:
+            calib_images = 64 if runner.cfg.get('default_scope') == 'mmdet' else 1024
+        if calib_images < 1:
+            raise ValueError(f'calib_images={calib_images} must be >= 1')
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.calib_dataloader_cfg = calib_dataloader
+        self.calib_images = calib_images
+        self.io_layers = None if first_layers is None and last_layers is None else (
+            set(first_layers or ()), set(last_layers or ()))
+        self.save_checkpoint = save_checkpoint
+        self.report = None
+
+    @property
+    def tag(self) -> str:
+        return f'{self.method.name}_{self.method.qconfig.bits_tag()}'
+
+    def run(self):
+        model = self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
+        logger = self.runner.logger
+        if not quant_layers(model):
+            example = next(iter(self.dataloader))
+            self.report = convert(model, self.method.qconfig, io_layers=self.io_layers,
+                                  example_forward=lambda: tensor_forward(model, example))
+            logger.info(self.report.format())
+        if not self._restore(model) and not self._all_calibrated(model):
+            self._calibrate(model)
+        return super().run()
+
+    @staticmethod
+    def _all_calibrated(model) -> bool:
+        qs = [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]
+        return all(bool(q.calibrated) for q in qs)
+
+    def _restore(self, model) -> bool:
+        """Load calibrated quantizers from the runner's checkpoint, if it has them."""
+        path = getattr(self.runner, '_load_from', None)
+        if not path:
+            return False
+        ckpt = _load_checkpoint(path, map_location='cpu')
+        state = ckpt.get('state_dict', ckpt)
+        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+        if not any('_quantizer.' in k for k in state):
+            return False
+        own = model.state_dict()
+        missing = [k for k in own if '_quantizer.' in k and k not in state]
+        if missing:
+            raise ValueError(f'{path} holds quantizers for another layer set: {len(missing)} missing, '
+                             f'e.g. {missing[0]!r}; quantize again from the float checkpoint')
+        model.load_state_dict(state, strict=False)
+        self.runner.logger.info(f'mmquant: restored calibrated quantizers from {path}; no calibration')
+        return True
+
+    def _calibrate(self, model):
+        if self.calib_dataloader_cfg is None:
+            raise ValueError('PTQLoop needs calib_dataloader: the config has no train_dataloader to '
+                             'take calibration images from')
+        loader = self.runner.build_dataloader(self.calib_dataloader_cfg, seed=self.runner.seed)
+        t0 = time.perf_counter()
+        batches, n = _take_images(loader, self.calib_images)
+        progress = Progress(len(batches), f'calibrating {self.tag} on {n} images', self.runner.logger)
+        self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress)
+        progress.close()
+        seconds = time.perf_counter() - t0
+        self.runner.logger.info(f'mmquant: {self.tag} calibrated on {n} images in {seconds:.1f} s')
+        self.calib_seconds = seconds
+        if self.save_checkpoint:
+            self._save(model)
+
+    def _save(self, model):
+        report = self.report
+        meta = dict(mmquant=dict(
+            method=self.method.name, bits=self.method.qconfig.bits_tag(),
+            qconfig=self.method.qconfig.to_dict(),
+            first_layers=report.first_layers if report else None,
+            last_layers=report.last_layers if report else None))
+        dataset_meta = getattr(self.dataloader.dataset, 'metainfo', None)
+        if dataset_meta is not None:
+            meta['dataset_meta'] = dict(dataset_meta)
+        path = osp.join(self.runner.work_dir, f'{self.tag}.pth')
+        tmp = path + '.tmp'
+        torch.save(dict(meta=meta, state_dict=weights_to_cpu(model.state_dict())), tmp)
+        os.replace(tmp, path)
+        self.runner.logger.info(f'mmquant: quantized checkpoint saved to {path}')
+        self.checkpoint_path = path

@@ -1,0 +1,4 @@
+"""Quantized layer twins (depends on quantizers only)."""
+from .qlayers import QUANT_LAYERS, QConv2d, QLinear
+
+__all__ = ['QConv2d', 'QLinear', 'QUANT_LAYERS']

@@ -1,0 +1,60 @@
+"""Quantized twins of ``nn.Conv2d`` and ``nn.Linear``.
+
+Each twin *is* a ``nn.Conv2d`` / ``nn.Linear`` (subclass), shares the float layer's weight and
+bias Parameters, and adds two quantizers: ``weight_quantizer`` and ``input_quantizer``
+(``None`` for weight-only quantization). Code that checks ``isinstance(m, nn.Conv2d)`` (weight
+init, BN folding, FLOP counters) keeps working on the converted model.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _QuantMixin:
+    weight_quantizer: nn.Module
+    input_quantizer: Optional[nn.Module]
+
+    def _adopt(self, float_layer: nn.Module, weight_quantizer, input_quantizer):
+        """Take over the float layer's state: parameters, buffers, hooks, training flag."""
+        for k, v in float_layer.__dict__.items():   # dicts copied so the two never alias
+            self.__dict__[k] = v.copy() if isinstance(v, dict) else v
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.float_type = type(float_layer).__name__
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def _quant_input(self, x):
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` (grouped and depthwise included) with quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer, input_quantizer=None):
+        q = cls.__new__(cls)
+        q._adopt(conv, weight_quantizer, input_quantizer)
+        return q
+
+    def forward(self, x):
+        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer, input_quantizer=None):
+        q = cls.__new__(cls)
+        q._adopt(linear, weight_quantizer, input_quantizer)
+        return q
+
+    def forward(self, x):
+        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_LAYERS = (QConv2d, QLinear)

@@ -1,0 +1,58 @@
+"""The contract of a post-training quantization method, and the registry of methods by name."""
+from typing import Callable, Dict, Iterable, Optional
+
+from torch import nn
+
+from ..convert import ConversionReport, convert
+from ..qconfig import QConfig
+
+PTQ_METHODS: Dict[str, type] = {}
+
+
+def register_ptq(name: str):
+    def deco(cls):
+        if name in PTQ_METHODS:
+            raise KeyError(f'PTQ method {name!r} is registered twice')
+        cls.name = name
+        PTQ_METHODS[name] = cls
+        return cls
+    return deco
+
+
+def check_method(name: str) -> str:
+    if name not in PTQ_METHODS:
+        raise ValueError(f'unknown quantization method {name!r}; accepted: {", ".join(sorted(PTQ_METHODS))}')
+    return name
+
+
+class PTQMethod:
+    """A PTQ method: default layer settings, then ``convert`` + ``calibrate`` on a model.
+
+    Subclasses set ``layer_defaults`` (fields of :class:`LayerQConfig` that the method implies,
+    which a user's qconfig may still override) and implement :meth:`calibrate`.
+    """
+    name = 'base'
+    layer_defaults: dict = {}
+
+    def __init__(self, qconfig=None, bits: Optional[str] = None):
+        cfg = qconfig.to_dict() if isinstance(qconfig, QConfig) else dict(qconfig or {})
+        cfg['default'] = {**self.layer_defaults, **dict(cfg.get('default') or {})}
+        self.qconfig = QConfig.build(cfg, bits=bits)
+
+    def convert(self, model: nn.Module, example_forward: Optional[Callable] = None) -> ConversionReport:
+        return convert(model, self.qconfig, example_forward)
+
+    def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
+                  progress=None):
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
+                 progress=None) -> ConversionReport:
+        """Convert ``model`` in place and calibrate it on ``batches`` (a re-iterable sequence)."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError('calibration needs at least one batch')
+        fwd = forward_fn or (lambda m, b: m(b))
+        report = self.convert(model, example_forward=lambda: fwd(model, batches[0]))
+        self.calibrate(model, batches, forward_fn=fwd, progress=progress)
+        return report

@@ -1,0 +1,34 @@
+"""The calibration baselines: one observer for weights and one for activations, nothing learned.
+
+``minmax`` is the TF-Lite recipe: per-tensor symmetric weights at max|w|, affine activations at
+the observed min / max. ``percentile``, ``mse`` and ``kl`` change the activation range estimate
+(``mse`` also searches the weight range); weights keep max|w| otherwise, as TensorRT does.
+"""
+from ..calibrate import calibrate
+from .base import PTQMethod, register_ptq
+
+
+class ObserverPTQ(PTQMethod):
+
+    def calibrate(self, model, batches, forward_fn=None, progress=None):
+        return calibrate(model, batches, forward_fn, progress)
+
+
+@register_ptq('minmax')
+class MinMaxPTQ(ObserverPTQ):
+    layer_defaults = dict(w_observer='minmax', a_observer='minmax')
+
+
+@register_ptq('percentile')
+class PercentilePTQ(ObserverPTQ):
+    layer_defaults = dict(w_observer='minmax', a_observer='percentile')
+
+
+@register_ptq('mse')
+class MSEPTQ(ObserverPTQ):
+    layer_defaults = dict(w_observer='mse', a_observer='mse')
+
+
+@register_ptq('kl')
+class KLPTQ(ObserverPTQ):
+    layer_defaults = dict(w_observer='minmax', a_observer='kl', a_symmetric=True)

@@ -1,0 +1,112 @@
+"""The declarative description of what to quantize and how (no mmengine, no torch modules)."""
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Dict, List, Optional, Tuple
+
+from .observers import OBSERVERS
+from .quantizers.scheme import check_bits
+
+_BITS_RE = re.compile(r'^w(\d+)(?:a(\d+))?$')
+
+
+def parse_bits(spec: str) -> Tuple[int, Optional[int]]:
+    """``'w4a8'`` -> ``(4, 8)``; ``'w3'`` (weight-only) -> ``(3, None)``.
+
+    >>> parse_bits('w4a8'), parse_bits('W3')
+    ((4, 8), (3, None))
+    """
+    m = _BITS_RE.match(str(spec).strip().lower())
+    if not m:
+        raise ValueError(f'bad bit spec {spec!r}: expected wNaM (e.g. w4a8) or wN for weight-only '
+                         f'(e.g. w3), with N, M in 2..16')
+    w = check_bits(int(m.group(1)), f'weight bits in {spec!r}')
+    a = None if m.group(2) is None else check_bits(int(m.group(2)), f'activation bits in {spec!r}')
+    return w, a
+
+
+@dataclass
+class LayerQConfig:
+    """The settings that can differ from layer to layer."""
+    w_bits: int = 8
+    a_bits: Optional[int] = 8            # None: weight-only
+    w_observer: str = 'minmax'
+    a_observer: str = 'minmax'
+    w_per_channel: bool = False
+    w_symmetric: bool = True
+    w_narrow_range: bool = False
+    a_symmetric: bool = False
+    a_signed: Optional[bool] = None      # None: decided by calibration (unsigned after ReLU)
+    w_observer_kwargs: dict = field(default_factory=dict)
+    a_observer_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_bits(self.w_bits, 'w_bits')
+        if self.a_bits is not None:
+            check_bits(self.a_bits, 'a_bits')
+        for key in ('w_observer', 'a_observer'):
+            if getattr(self, key) not in OBSERVERS:
+                raise ValueError(f'unknown {key} {getattr(self, key)!r}; accepted: '
+                                 f'{", ".join(sorted(OBSERVERS))}')
+
+
+_LAYER_KEYS = {f.name for f in fields(LayerQConfig)}
+
+
+@dataclass
+class QConfig:
+    """What the converter does to a model.
+
+    Args:
+        default: settings for every quantizable layer (a :class:`LayerQConfig` or a dict of it).
+        first_layer_bits / last_layer_bits: weight and activation bits of the input layer(s) and
+            output layer(s) (the papers keep them at 8); ``None`` treats them like the rest.
+        overrides: ``{glob pattern on the module name: dict of LayerQConfig fields}``, applied
+            in order after the first/last rule, so a user can always have the last word.
+        skip: glob patterns of layers to leave in float.
+
+    A pattern that matches no quantizable layer is an error naming the pattern.
+    """
+    default: LayerQConfig = field(default_factory=LayerQConfig)
+    first_layer_bits: Optional[int] = 8
+    last_layer_bits: Optional[int] = 8
+    overrides: Dict[str, dict] = field(default_factory=dict)
+    skip: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.default, dict):
+            self.default = LayerQConfig(**self.default)
+        for b, name in ((self.first_layer_bits, 'first_layer_bits'), (self.last_layer_bits, 'last_layer_bits')):
+            if b is not None:
+                check_bits(b, name)
+        for pattern, ov in self.overrides.items():
+            unknown = set(ov) - _LAYER_KEYS
+            if unknown:
+                raise ValueError(f'override {pattern!r} has unknown keys {sorted(unknown)}; '
+                                 f'accepted: {sorted(_LAYER_KEYS)}')
+            replace(self.default, **ov)   # validates the values
+
+    @classmethod
+    def build(cls, cfg=None, bits: Optional[str] = None, **kwargs) -> 'QConfig':
+        """From a QConfig, a (config) dict, and/or a ``'w4a8'`` spec (which sets default bits)."""
+        if isinstance(cfg, QConfig):
+            qc = cfg
+        else:
+            d = dict(cfg or {})
+            d.update(kwargs)
+            unknown = set(d) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f'unknown qconfig keys {sorted(unknown)}; accepted: '
+                                 f'{sorted(f.name for f in fields(cls))}')
+            d['default'] = dict(d.get('default') or {})
+            qc = cls(**d)
+        if bits is not None:
+            w, a = parse_bits(bits)
+            qc = replace(qc, default=replace(qc.default, w_bits=w, a_bits=a))
+        return qc
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def bits_tag(self) -> str:
+        d = self.default
+        return f'w{d.w_bits}' + ('' if d.a_bits is None else f'a{d.a_bits}')

@@ -1,0 +1,95 @@
+"""Test an mmpretrain / mmdet model, optionally after post-training quantization.
+
+    python tools/test.py CONFIG CHECKPOINT                         # float, or a quantized checkpoint
+    python tools/test.py CONFIG CHECKPOINT --quant minmax --quant-bits w4a8
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
+from mmquant.engine.cli import add_quant_args, check_file, check_quant_args, fail, quant_meta  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (and post-training quantize) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file (float, or quantized by mmquant)')
+    parser.add_argument('--work-dir', help='directory for logs, metrics and quantized checkpoints')
+    parser.add_argument('--out-metrics', help='also write the metrics to this JSON file')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, e.g. test_dataloader.batch_size=64')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_quant_args(parser, train=False)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def quant_test_cfg(cfg, args):
+    """The ``PTQLoop`` settings from the flags, the config's ``test_cfg`` or the checkpoint's meta."""
+    meta = quant_meta(args.checkpoint)
+    loop = dict(cfg.get('test_cfg') or {})
+    if args.quant is not None:
+        loop = dict(type='PTQLoop', method=args.quant, bits=args.quant_bits or 'w8a8',
+                    qconfig=loop.get('qconfig') if loop.get('type') == 'PTQLoop' else None)
+    elif meta is not None:
+        loop = dict(type='PTQLoop', method=meta['method'], qconfig=meta['qconfig'])
+    if loop.get('type') != 'PTQLoop':
+        return None
+    if meta is not None:
+        if args.quant is not None and (meta['method'], meta['bits']) != (loop['method'], loop['bits']):
+            fail(f'{args.checkpoint} was quantized by {meta["method"]} at {meta["bits"]}, not '
+                 f'{loop["method"]} at {loop.get("bits")}; drop --quant to evaluate it as it is')
+        loop.update(qconfig=meta['qconfig'], first_layers=meta['first_layers'],
+                    last_layers=meta['last_layers'])
+    if args.calib_images is not None:
+        loop['calib_images'] = args.calib_images
+    return loop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_quant_args(args)
+    check_file(args.config, 'config')
+    check_file(args.checkpoint, 'checkpoint')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    loop = quant_test_cfg(cfg, args)
+    if loop is not None:
+        cfg.test_cfg = loop
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    result = dict(config=args.config, checkpoint=args.checkpoint, metrics=metrics)
+    if loop is not None:
+        tl = runner.test_loop
+        result.update(method=tl.method.name, bits=tl.method.qconfig.bits_tag(),
+                      calib_seconds=getattr(tl, 'calib_seconds', None),
+                      quantized_checkpoint=getattr(tl, 'checkpoint_path', None))
+    if args.out_metrics:
+        tmp = args.out_metrics + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(result, f, indent=2, default=float)
+        os.replace(tmp, args.out_metrics)
+    return result
+
+
+if __name__ == '__main__':
+    main()
