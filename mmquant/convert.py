@@ -87,13 +87,18 @@ def find_io_layers(model: nn.Module, names: List[str],
     for n in names:
         handles.append(modules[n].register_forward_hook(hook(n)))
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]   # frozen stages cut the graph
     model.eval()
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             example_forward()
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
 
     has_upstream, feeds = set(), set()

@@ -8,6 +8,9 @@ import json
 import os
 import os.path as osp
 import sys
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -43,7 +46,9 @@ def quant_test_cfg(cfg, args):
         loop = dict(type='PTQLoop', method=args.quant, bits=args.quant_bits or 'w8a8',
                     qconfig=loop.get('qconfig') if loop.get('type') == 'PTQLoop' else None)
     elif meta is not None:
-        loop = dict(type='PTQLoop', method=meta['method'], qconfig=meta['qconfig'])
+        loop = dict(type='PTQLoop', method=meta['method'], bits=meta['bits'])
+    elif cfg.get('quant'):
+        loop = dict(type='PTQLoop')
     if loop.get('type') != 'PTQLoop':
         return None
     if meta is not None:

@@ -7,6 +7,9 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 

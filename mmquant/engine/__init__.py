@@ -2,9 +2,10 @@
 from .checkpoint import allow_openmmlab_checkpoints
 from .hooks import QuantCalibrationHook
 from .model import build_quantized_model
+from .transforms import RepeatChannels
 from .ptq_loop import PTQLoop, tensor_forward
 
 allow_openmmlab_checkpoints()
 
-__all__ = ['PTQLoop', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward',
+__all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward',
            'allow_openmmlab_checkpoints']

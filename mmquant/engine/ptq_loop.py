@@ -2,6 +2,14 @@
 
     test_cfg = dict(type='PTQLoop', method='minmax', bits='w4a8', calib_images=1024)
 
+Arguments not given are read from the config's ``quant`` dict, which the schemes in
+``configs/_base_/quant/`` set (a separate key, so a scheme never collides with the ``test_cfg``
+of an mmdet / mmpretrain base config):
+
+    _base_ = ['mmpretrain::resnet/resnet18_8xb32_in1k.py', '<mmquant>/configs/_base_/quant/minmax_w4a8.py']
+    custom_imports = dict(imports=['mmquant'])
+    test_cfg = dict(type='PTQLoop')
+
 Order of work: convert the model (unless it already is), restore calibrated quantizers from the
 loaded checkpoint if it holds them, otherwise calibrate on ``calib_images`` images and save the
 quantized checkpoint (meta records method, qconfig and the input/output layers, so
@@ -68,10 +76,19 @@ def _take_images(dataloader, n: int):
 @LOOPS.register_module()
 class PTQLoop(TestLoop):
 
-    def __init__(self, runner, dataloader, evaluator, method: str = 'minmax', bits: Optional[str] = None,
+    def __init__(self, runner, dataloader, evaluator, method: Optional[str] = None, bits: Optional[str] = None,
                  qconfig: Optional[dict] = None, calib_dataloader=None, calib_images: Optional[int] = None,
                  first_layers: Optional[Sequence[str]] = None, last_layers: Optional[Sequence[str]] = None,
                  save_checkpoint: bool = True, fp16: bool = False):
+        scheme = dict(runner.cfg.get('quant') or {})   # a configs/_base_/quant/*.py scheme
+        unknown = set(scheme) - {'method', 'bits', 'qconfig', 'calib_images'}
+        if unknown:
+            raise ValueError(f'unknown keys {sorted(unknown)} in the config\'s quant scheme; '
+                             'accepted: method, bits, qconfig, calib_images')
+        method = method or scheme.get('method', 'minmax')
+        bits = bits or scheme.get('bits')
+        qconfig = qconfig if qconfig is not None else scheme.get('qconfig')
+        calib_images = calib_images or scheme.get('calib_images')
         self.method = build_ptq(method, qconfig, bits)
         if calib_dataloader is None and isinstance(dataloader, dict):
             calib_dataloader = default_calib_dataloader(runner, dataloader)

@@ -1,6 +1,7 @@
 # Fashion-MNIST as mmpretrain's FashionMNIST dataset reads it: the four un-gzipped idx files in
 # data_root (scripts/install.sh puts them there from the Debian package dataset-fashion-mnist).
-# mmpretrain 1.2.0 picks the test files by test_mode=True (split alone is ignored), and
+# mmpretrain 1.2.0 picks the test files by test_mode=True (split alone is ignored; both are set
+# so its warning about a mismatch stays quiet), and
 # download=False because nothing may be fetched at run time.
 dataset_type = 'FashionMNIST'
 data_root = 'data/fashion_mnist'
@@ -22,7 +23,7 @@ train_dataloader = dict(
     batch_size=128,
     num_workers=1,
     persistent_workers=True,
-    dataset=dict(type=dataset_type, data_root=data_root, test_mode=False, download=False,
+    dataset=dict(type=dataset_type, data_root=data_root, split='train', test_mode=False, download=False,
                  pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True))
 
@@ -30,7 +31,7 @@ val_dataloader = dict(
     batch_size=256,
     num_workers=1,
     persistent_workers=True,
-    dataset=dict(type=dataset_type, data_root=data_root, test_mode=True, download=False,
+    dataset=dict(type=dataset_type, data_root=data_root, split='test', test_mode=True, download=False,
                  pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False))
 val_evaluator = dict(type='Accuracy', topk=(1, ))

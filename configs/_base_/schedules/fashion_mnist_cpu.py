@@ -1,7 +1,7 @@
 # A CPU recipe for the 28x28 Fashion-MNIST classifiers: SGD + Nesterov, linear warm-up, cosine.
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True))
-max_epochs = 5
+max_epochs = 8
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=200),
     dict(type='CosineAnnealingLR', T_max=max_epochs, by_epoch=True, begin=0, end=max_epochs,

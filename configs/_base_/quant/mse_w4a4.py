@@ -1,0 +1,2 @@
+# PTQ scheme: mse calibration at W4A4; pair it with test_cfg = dict(type='PTQLoop').
+quant = dict(method='mse', bits='w4a4')

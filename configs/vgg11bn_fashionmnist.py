@@ -1,0 +1,34 @@
+# Stock mmpretrain VGG-11-BN convolutional body on Fashion-MNIST.
+# Two adaptations to 28x28 grey images, both outside the convolutional body:
+# - mmpretrain's VGG stem is hard-wired to 3 input channels, so the grey image is repeated
+#   three times (RepeatChannels) instead of editing the backbone;
+# - the stock 4096-wide classifier expects 224x224 inputs (7x7x512 features); at 28x28 the body
+#   ends at 1x1x512 once the last max-pool is dropped, so it feeds a pooled linear 10-way head.
+_base_ = [
+    'mmpretrain::_base_/models/vgg11bn.py',
+    './_base_/datasets/fashion_mnist.py',
+    './_base_/schedules/fashion_mnist_cpu.py',
+    'mmpretrain::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
+
+data_preprocessor = dict(mean=[72.94] * 3, std=[90.02] * 3)
+train_dataloader = dict(dataset=dict(pipeline=[
+    dict(type='RandomCrop', crop_size=28, padding=2),
+    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='RepeatChannels'),
+    dict(type='PackInputs'),
+]))
+val_dataloader = dict(dataset=dict(pipeline=[dict(type='RepeatChannels'), dict(type='PackInputs')]))
+test_dataloader = val_dataloader
+
+model = dict(
+    backbone=dict(num_classes=-1, with_last_pool=False, out_indices=(4, )),
+    neck=dict(_delete_=True, type='GlobalAveragePooling'),
+    head=dict(_delete_=True, type='LinearClsHead', num_classes=10, in_channels=512,
+              loss=dict(type='CrossEntropyLoss', loss_weight=1.0), topk=(1, )))
+optim_wrapper = dict(optimizer=dict(lr=0.05))
+default_hooks = dict(
+    logger=dict(interval=50),
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
+randomness = dict(seed=0, deterministic=False)

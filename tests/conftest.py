@@ -1,0 +1,28 @@
+import os
+import os.path as osp
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DATA_ROOT = osp.join(ROOT, 'data', 'fashion_mnist')
+
+
+@pytest.fixture(scope='session')
+def root():
+    return ROOT
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist():
+    """The un-gzipped Fashion-MNIST that scripts/install.sh prepares; a clear failure if absent."""
+    if not osp.isfile(osp.join(DATA_ROOT, 't10k-images-idx3-ubyte')):
+        pytest.fail(f'Fashion-MNIST is not in {DATA_ROOT}: run scripts/install.sh (make test does)')
+    return DATA_ROOT
+
+
+def write_config(tmp_path, text, name='cfg.py'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)

@@ -1,0 +1,106 @@
+"""Stock mmpretrain / mmdet models (random init, built from their own configs) convert fully and
+still predict on the CPU, in every mode."""
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+import mmquant  # noqa: F401
+from mmquant import QConfig, convert
+from mmquant.calibrate import calibrate
+from mmquant.convert import quant_layers
+from mmquant.engine import tensor_forward
+from mmengine.registry import MODELS
+
+from conftest import write_config
+
+CLASSIFIERS = {
+    'resnet18': 'mmpretrain::_base_/models/resnet18.py',
+    'resnet50': 'mmpretrain::_base_/models/resnet50.py',
+    'vgg11bn': 'mmpretrain::_base_/models/vgg11bn.py',
+}
+DETECTORS = {
+    'retinanet_r18': 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py',
+    'fcos_r50': 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
+    'mask_rcnn_r50': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+}
+
+
+def build(tmp_path, base, scope):
+    cfg = Config.fromfile(write_config(tmp_path, f"_base_ = '{base}'\n"))
+    init_default_scope(scope)
+    model_cfg = cfg.model
+    model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    return MODELS.build(model_cfg).eval()
+
+
+def float_convs(model):
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not isinstance(m, mmquant.nn.QUANT_LAYERS)]
+
+
+def cls_batch(n=2, size=64):
+    from mmpretrain.structures import DataSample
+    g = torch.Generator().manual_seed(0)
+    return dict(inputs=[torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(n)],
+                data_samples=[DataSample().set_gt_label(i % 3) for i in range(n)])
+
+
+def det_batch(size=128):
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(0)
+    sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0),
+                                         pad_shape=(size, size), batch_input_shape=(size, size)))
+    inst = InstanceData()
+    inst.bboxes = torch.tensor([[10.0, 10.0, 60.0, 70.0]])
+    inst.labels = torch.tensor([1])
+    mask = np.zeros((1, size, size), dtype=np.uint8)
+    mask[0, 10:70, 10:60] = 1
+    inst.masks = BitmapMasks(mask, size, size)
+    sample.gt_instances = inst
+    return dict(inputs=[torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8)],
+                data_samples=[sample])
+
+
+@pytest.mark.parametrize('name', sorted(CLASSIFIERS))
+def test_classifier_fully_swapped_and_predicts(tmp_path, name):
+    model = build(tmp_path, CLASSIFIERS[name], 'mmpretrain')
+    batch = cls_batch(size=224 if name == 'vgg11bn' else 64)
+    report = convert(model, QConfig.build(bits='w4a4'), example_forward=lambda: tensor_forward(model, batch))
+    assert float_convs(model) == [] and report.kept_float == []
+    assert report.first_layers == ['backbone.conv1' if 'resnet' in name else 'backbone.features.0.conv']
+    calibrate(model, [batch], forward_fn=tensor_forward)
+    with torch.no_grad():
+        preds = model.test_step(batch)
+        losses = model(**model.data_preprocessor(batch, True), mode='loss')
+    assert len(preds) == 2 and preds[0].pred_score.shape[-1] == 1000
+    assert torch.isfinite(losses['loss'])
+
+
+@pytest.mark.parametrize('name', sorted(DETECTORS))
+def test_detector_fully_swapped_and_predicts(tmp_path, name):
+    model = build(tmp_path, DETECTORS[name], 'mmdet')
+    batch = det_batch()
+    report = convert(model, QConfig.build(bits='w4a8'), example_forward=lambda: tensor_forward(model, batch))
+    # every Conv2d / Linear of backbone, neck, heads and RoI heads is quantized; what stays float
+    # (Mask R-CNN's ConvTranspose2d upsampler) is listed with its reason
+    assert float_convs(model) == []
+    assert all('ConvTranspose2d' in r.reason for r in report.kept_float)
+    assert report.first_layers == ['backbone.conv1']
+    names = {r.name for r in report.quantized}
+    assert any(n.startswith('neck.') for n in names) and any('head' in n for n in names)
+    if name == 'mask_rcnn_r50':
+        assert {'roi_head.bbox_head.fc_cls', 'roi_head.mask_head.conv_logits'} <= set(report.last_layers)
+        assert any(n.startswith('roi_head.bbox_head.shared_fcs') for n in names)
+    else:
+        assert all('_cls' in n or '_reg' in n or 'centerness' in n for n in report.last_layers)
+    calibrate(model, [batch], forward_fn=tensor_forward)
+    with torch.no_grad():
+        preds = model.test_step(batch)
+        losses = model(**model.data_preprocessor(batch, True), mode='loss')
+    assert len(preds) == 1 and 'bboxes' in preds[0].pred_instances
+    assert all(torch.isfinite(v).all() for k, v in losses.items() if 'loss' in k and torch.is_tensor(v))
+    assert len(quant_layers(model)) == len(report.quantized)

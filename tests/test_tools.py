@@ -1,0 +1,118 @@
+"""End to end on real Fashion-MNIST images: train a few iterations, post-training quantize with
+tools/test.py, reload the quantized checkpoint without calibrating, fake-quant training with
+tools/train.py, config-only use through custom_imports, and the CLI's one-line errors."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, write_config
+
+TINY = """
+_base_ = ['{root}/configs/resnet18_fashionmnist.py']
+data_root = '{data}'
+train_dataloader = dict(batch_size=32, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, indices=2048))
+val_dataloader = dict(batch_size=64, num_workers=0, persistent_workers=False,
+                      dataset=dict(data_root=data_root, indices=256))
+test_dataloader = val_dataloader
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=30, val_interval=1000)
+param_scheduler = []
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=30), logger=dict(interval=10))
+"""
+
+
+def run_tool(*args, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**__import__('os').environ, 'OMP_NUM_THREADS': '2'})
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+@pytest.fixture(scope='module')
+def float_run(tmp_path_factory, fashion_mnist):
+    tmp = tmp_path_factory.mktemp('e2e')
+    cfg = write_config(tmp, TINY.format(root=ROOT, data=fashion_mnist))
+    work = tmp / 'float'
+    run_tool('tools/train.py', cfg, '--work-dir', str(work))
+    ckpt = (work / 'last_checkpoint').read_text().strip()
+    return tmp, cfg, ckpt
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_ptq_then_reload_without_calibration(float_run):
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'ptq'
+    run_tool('tools/test.py', cfg, ckpt, '--quant', 'minmax', '--quant-bits', 'w4a8', '--calib-images', '64',
+             '--work-dir', str(out), '--out-metrics', str(out / 'm.json'))
+    first = read(out / 'm.json')
+    assert first['method'] == 'minmax' and first['bits'] == 'w4a8' and first['calib_seconds'] > 0
+    qckpt = first['quantized_checkpoint']
+    assert qckpt == str(out / 'minmax_w4a8.pth') and osp.isfile(qckpt)
+    meta = torch.load(qckpt, weights_only=True)['meta']['mmquant']
+    assert meta['first_layers'] == ['backbone.conv1'] and meta['last_layers'] == ['head.fc']
+
+    again = tmp / 'reload'
+    proc = run_tool('tools/test.py', cfg, qckpt, '--work-dir', str(again), '--out-metrics', str(again / 'm.json'))
+    second = read(again / 'm.json')
+    assert second['calib_seconds'] is None and 'restored calibrated quantizers' in proc.stdout + proc.stderr
+    assert second['metrics'] == first['metrics']
+
+    fp = tmp / 'fp'
+    run_tool('tools/test.py', cfg, ckpt, '--work-dir', str(fp), '--out-metrics', str(fp / 'm.json'))
+    assert 'method' not in read(fp / 'm.json')
+
+
+def test_config_only_use_through_custom_imports(float_run, tmp_path):
+    """No mmquant import in the process: the config's custom_imports registers everything."""
+    _, cfg, ckpt = float_run
+    user_cfg = write_config(tmp_path, f"""
+_base_ = ['{cfg}', '{ROOT}/configs/_base_/quant/minmax_w8a8.py']
+custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
+test_cfg = dict(type='PTQLoop', calib_images=32)
+load_from = '{ckpt}'
+work_dir = '{tmp_path}/w'
+""", 'user.py')
+    code = ('from mmengine.config import Config; from mmengine.runner import Runner; '
+            f'r = Runner.from_cfg(Config.fromfile({user_cfg!r})); m = r.test(); '
+            'print("TOP1", m["accuracy/top1"], type(r.model).__name__, r.test_loop.method.qconfig.bits_tag())')
+    proc = run_tool('-c', code)
+    line = [x for x in proc.stdout.splitlines() if x.startswith('TOP1')][0]
+    assert line.endswith('ImageClassifier w8a8')
+
+
+def test_fake_quant_training_and_resume(float_run):
+    tmp, cfg, ckpt = float_run
+    work = tmp / 'qat'
+    run_tool('tools/train.py', cfg, '--quant', 'minmax', '--quant-bits', 'w4a4', '--work-dir', str(work),
+             '--cfg-options', f'load_from={ckpt}', 'train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2')
+    state = torch.load(work / 'iter_4.pth', weights_only=True)['state_dict']
+    assert bool(state['backbone.layer1.0.conv1.input_quantizer.calibrated'])
+    assert int(state['backbone.layer1.0.conv1.weight_quantizer.bits_']) == 4
+    proc = run_tool('tools/train.py', cfg, '--quant', 'minmax', '--quant-bits', 'w4a4', '--work-dir', str(work),
+                    '--resume', str(work / 'iter_2.pth'), '--cfg-options', 'train_cfg.max_iters=4')
+    assert 'resumed epoch' in (proc.stdout + proc.stderr).lower() or 'resume' in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--quant', 'nosuchmethod'], "error: unknown quantization method 'nosuchmethod'; accepted: kl, minmax, mse, percentile"),
+    (['--quant', 'minmax', '--quant-bits', 'w0a8'], "error: weight bits in 'w0a8'=0 is out of range"),
+    (['--quant-bits', 'w4a8'], 'error: --quant-bits needs --quant NAME'),
+])
+def test_cli_errors_are_one_line(args, message):
+    proc = run_tool('tools/test.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_missing_checkpoint_is_one_line():
+    proc = run_tool('tools/test.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == "error: checkpoint 'missing.pth' does not exist"
