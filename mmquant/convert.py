@@ -7,14 +7,16 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .nn import QUANT_LAYERS, QConv2d, QLinear
+from .nn import QUANT_LAYERS, QConv2d, QConvTranspose2d, QLinear
 from .observers import build_observer
 from .qconfig import LayerQConfig, QConfig
 from .quantizers import QScheme, UniformQuantizer
 
 # Subclasses whose forward is the plain convolution / linear map (the mmcv wrappers only add
 # empty-tensor handling), so swapping them loses nothing. Named, not imported: no mmcv needed.
-_PLAIN_SUBCLASSES = {'mmcv.cnn.bricks.wrappers.Conv2d', 'mmcv.cnn.bricks.wrappers.Linear'}
+_PLAIN_SUBCLASSES = {'mmcv.cnn.bricks.wrappers.Conv2d', 'mmcv.cnn.bricks.wrappers.ConvTranspose2d',
+                     'mmcv.cnn.bricks.wrappers.Linear'}
+_TWINS = ((nn.Conv2d, QConv2d), (nn.ConvTranspose2d, QConvTranspose2d), (nn.Linear, QLinear))
 
 
 def _qualname(m: nn.Module) -> str:
@@ -26,14 +28,14 @@ def classify_layer(m: nn.Module) -> Tuple[Optional[type], Optional[str]]:
     must leave float, ``(None, None)`` for everything else."""
     if isinstance(m, QUANT_LAYERS):
         return None, 'already quantized'
-    for base, twin in ((nn.Conv2d, QConv2d), (nn.Linear, QLinear)):
+    for base, twin in _TWINS:
         if isinstance(m, base):
             if type(m) is base or _qualname(m) in _PLAIN_SUBCLASSES:
-                if base is nn.Conv2d and m.padding_mode != 'zeros':
+                if getattr(m, 'padding_mode', 'zeros') != 'zeros':
                     return None, f'padding_mode={m.padding_mode!r} (only zero padding is quantized)'
                 return twin, None
             return None, f'{_qualname(m)} changes the {base.__name__} forward; not swapped'
-    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)):
         return None, f'{type(m).__name__} has no quantized twin yet'
     return None, None
 
@@ -151,10 +153,15 @@ def layer_qconfig(name: str, qconfig: QConfig, first: Set[str], last: Set[str]):
 
 
 def build_quantizers(layer: nn.Module, cfg: LayerQConfig):
+    # output channels: axis 0 of conv / linear weights, axis 1 of transposed-conv weights
+    # (per-channel only without groups there; grouped transposed convs get one scale)
+    transposed = isinstance(layer, nn.ConvTranspose2d)
+    per_channel = cfg.w_per_channel and not (transposed and layer.groups > 1)
+    axis = 1 if transposed else 0
     w_scheme = QScheme(bits=cfg.w_bits, symmetric=cfg.w_symmetric, signed=True,
-                       narrow_range=cfg.w_narrow_range, per_channel=cfg.w_per_channel, ch_axis=0)
-    wq = UniformQuantizer(w_scheme, num_channels=layer.weight.shape[0],
-                          observer=build_observer(cfg.w_observer, w_scheme.per_channel, 0,
+                       narrow_range=cfg.w_narrow_range, per_channel=per_channel, ch_axis=axis)
+    wq = UniformQuantizer(w_scheme, num_channels=layer.weight.shape[axis],
+                          observer=build_observer(cfg.w_observer, per_channel, axis,
                                                   **cfg.w_observer_kwargs))
     aq = None
     if cfg.a_bits is not None:
@@ -200,7 +207,8 @@ def convert(model: nn.Module, qconfig: QConfig,
     modules = dict(model.named_modules())
     for name in names:
         m = modules[name]
-        kind = 'conv' if isinstance(m, nn.Conv2d) else 'linear'
+        kind = {nn.Conv2d: 'conv', nn.ConvTranspose2d: 'deconv', nn.Linear: 'linear'}[
+            next(b for b, _ in _TWINS if isinstance(m, b))]
         skip = next((p for p in qconfig.skip if _matches(name, p)), None)
         if skip is not None:
             report.kept_float.append(LayerRecord(name, kind, reason=f'skip pattern {skip!r}'))

@@ -6,7 +6,7 @@ from torch import nn
 from mmquant import QConfig, convert, parse_bits, quantize
 from mmquant.calibrate import calibrate
 from mmquant.convert import find_io_layers
-from mmquant.nn import QConv2d, QLinear
+from mmquant.nn import QConv2d, QConvTranspose2d, QLinear
 from mmquant.ptq import build_ptq
 
 
@@ -21,6 +21,7 @@ class TwoHeads(nn.Module):
         self.cls = nn.Linear(8, 5)
         self.reg = nn.Linear(8, 4)
         self.up = nn.ConvTranspose2d(8, 8, 2)
+        self.seq = nn.Conv1d(8, 8, 1)
 
     def forward(self, x):
         x = torch.relu(self.stem(x))
@@ -41,8 +42,25 @@ def test_every_conv_and_linear_swapped_with_shared_parameters():
     assert isinstance(model.stem, QConv2d) and isinstance(model.block[2], QConv2d)
     assert isinstance(model.cls, QLinear) and isinstance(model.block[0], nn.Conv2d)
     assert model.block[0].weight is w and model.block[0].groups == 2
-    assert {r.name for r in report.quantized} == {'stem', 'block.0', 'block.2', 'cls', 'reg'}
-    assert [(r.name, r.reason) for r in report.kept_float] == [('up', 'ConvTranspose2d has no quantized twin yet')]
+    assert isinstance(model.up, QConvTranspose2d)
+    assert {r.name for r in report.quantized} == {'stem', 'block.0', 'block.2', 'cls', 'reg', 'up'}
+    assert [(r.name, r.reason) for r in report.kept_float] == [('seq', 'Conv1d has no quantized twin yet')]
+
+
+def test_transposed_conv_twin_matches_float_and_quantizes_per_output_channel():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(4, 6, 2, stride=2)
+    x = torch.randn(2, 4, 5, 5)
+    ref = up(x)
+    model = nn.Sequential(up)
+    convert(model, QConfig.build(dict(default=dict(w_per_channel=True), first_layer_bits=None,
+                                      last_layer_bits=None), bits='w8a8'))
+    q = model[0]
+    assert torch.equal(q(x), ref) and q(x, output_size=[11, 11]).shape[-1] == 11
+    calibrate(model, [x])
+    assert q.weight_quantizer.scale.shape == (6,)
+    assert torch.allclose(q.weight_quantizer.scale, up.weight.abs().amax((0, 2, 3)) / 127)
+    assert torch.allclose(q(x), ref, atol=0.05)
 
 
 def test_uncalibrated_model_is_exactly_float_and_16_bit_is_nearly_float():
@@ -68,7 +86,7 @@ def test_first_and_last_layers_stay_8_bit_and_overrides_win():
     qc = QConfig.build(dict(overrides={'reg': dict(w_bits=6)}), bits='w2a4')
     report = quantize(model, _calib(), 'minmax', qconfig=qc.to_dict(), bits='w2a4')
     bits = {r.name: (r.w_bits, r.a_bits) for r in report.quantized}
-    assert bits == {'stem': (8, 8), 'block.0': (2, 4), 'block.2': (2, 4), 'cls': (8, 8), 'reg': (6, 8)}
+    assert bits == {'stem': (8, 8), 'block.0': (2, 4), 'block.2': (2, 4), 'cls': (8, 8), 'reg': (6, 8), 'up': (2, 4)}
     assert model.block[0].weight_quantizer.bits == 2 and model.block[0].input_quantizer.bits == 4
 
 

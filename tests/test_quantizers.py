@@ -86,3 +86,12 @@ def test_uncalibrated_quantizer_passes_through_and_checkpoint_restores_it():
     assert torch.equal(fresh(x), q(x))
     with pytest.raises(ValueError, match='4-bit quantizer'):
         UniformQuantizer(QScheme(bits=8)).load_state_dict(q.state_dict())
+
+
+def test_dynamic_quantizer_follows_the_tensor():
+    q = UniformQuantizer(QScheme(bits=4), observer=MinMaxObserver())
+    q.dynamic = True
+    q(torch.tensor([-1.0, 7.0]))
+    assert torch.isclose(q.scale, torch.tensor(1.0)).all()
+    q(torch.tensor([14.0]))
+    assert torch.isclose(q.scale, torch.tensor(2.0)).all() and bool(q.calibrated)

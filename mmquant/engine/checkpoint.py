@@ -1,12 +1,16 @@
 """Loading OpenMMLab checkpoints under torch >= 2.6 without blanket unsafe unpickling.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; torch >= 2.6 defaults to
-``weights_only=True`` and refuses the few non-tensor classes that mmengine writes into every
-checkpoint (the message hub's ``HistoryBuffer`` and the numpy arrays / dtypes / scalars inside
-it). Rather than patching ``torch.load`` to unpickle anything, we add exactly those classes to
-torch's allow-list; any other global in a checkpoint is still refused by torch with its own
-error naming the class.
+``weights_only=True`` and refuses the few non-tensor objects that mmengine writes into every
+training checkpoint: the message hub's ``HistoryBuffer``, the numpy arrays / dtypes / scalars
+inside it, and its statistics functions, which pickle as ``getattr(HistoryBuffer, 'min')``.
+Rather than patching ``torch.load`` to unpickle anything, we allow-list exactly those: the
+classes by name, and ``builtins.getattr`` mapped to a function that only resolves
+``HistoryBuffer``'s registered statistics. Any other class or attribute in a checkpoint is still
+refused by torch with an error naming it.
 """
+import pickle
+
 import numpy as np
 import torch
 
@@ -19,7 +23,18 @@ def _numpy_globals():
     return names
 
 
-def allow_openmmlab_checkpoints():
-    """Allow-list the classes mmengine / mmpretrain / mmdet checkpoints contain."""
+def history_buffer_getattr(obj, name: str):
+    """``getattr`` restricted to ``HistoryBuffer``'s statistics methods."""
     from mmengine.logging import HistoryBuffer
-    torch.serialization.add_safe_globals([HistoryBuffer] + _numpy_globals())
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f'checkpoint asks for getattr({obj!r}, {name!r}); only '
+                                 'HistoryBuffer statistics are allowed')
+
+
+def allow_openmmlab_checkpoints():
+    """Allow-list what mmengine / mmpretrain / mmdet checkpoints contain."""
+    from mmengine.logging import HistoryBuffer
+    HistoryBuffer()   # registers the default statistics methods
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, (history_buffer_getattr, 'builtins.getattr')] + _numpy_globals())

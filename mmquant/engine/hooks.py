@@ -5,13 +5,15 @@ fake-quant training (straight-through estimator) from a float ``load_from`` chec
 
     custom_hooks = [dict(type='QuantCalibrationHook', num_batches=8)]
 
-It does nothing when every quantizer is already calibrated (resumed or quantized checkpoints).
+Activation ranges come from that calibration (or the resumed checkpoint) and stay fixed; weight
+ranges follow the weights: each forward re-derives the weight scale from the current weights,
+and the scales written into every checkpoint are those of the weights saved with it.
 """
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..calibrate import calibrate
+from ..calibrate import calibrate, calibrate_weights
 from ..convert import quant_layers
 from .ptq_loop import PTQLoop, tensor_forward
 
@@ -25,11 +27,18 @@ class QuantCalibrationHook(Hook):
             raise ValueError(f'num_batches={num_batches} must be >= 1')
         self.num_batches = num_batches
 
+    @staticmethod
+    def _model(runner):
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
     def before_train(self, runner):
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        if not quant_layers(model):
+        model = self._model(runner)
+        layers = quant_layers(model)
+        if not layers:
             raise ValueError('QuantCalibrationHook needs a quantized model: use '
                              "model = dict(type='QuantizedModel', architecture=..., qconfig=...)")
+        for _, layer in layers:
+            layer.weight_quantizer.dynamic = True
         if PTQLoop._all_calibrated(model):
             return
         batches = []
@@ -40,3 +49,13 @@ class QuantCalibrationHook(Hook):
         calibrate(model, batches, forward_fn=tensor_forward)
         runner.logger.info(f'mmquant: calibrated {len(quant_layers(model))} layers on '
                            f'{len(batches)} training batches before training')
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        """The optimizer stepped after the last forward: refresh the weight scales to match the
+        weights being saved."""
+        model = self._model(runner)
+        calibrate_weights(model)
+        state = checkpoint['state_dict']
+        for name, layer in quant_layers(model):
+            for key, value in layer.weight_quantizer.state_dict().items():
+                state[f'{name}.weight_quantizer.{key}'] = value.detach().cpu()

@@ -18,14 +18,18 @@ from ..qconfig import QConfig
 @MODELS.register_module(name='QuantizedModel')
 def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bits: Optional[str] = None,
                           first_layers: Optional[Sequence[str]] = None,
-                          last_layers: Optional[Sequence[str]] = None, **kwargs):
+                          last_layers: Optional[Sequence[str]] = None, data_preprocessor=None, **kwargs):
     """Build ``architecture`` and convert it by ``qconfig`` (``bits`` such as ``'w4a8'`` sets the
     default bits). ``first_layers`` / ``last_layers`` name the input / output layers; a quantized
     checkpoint records them, and without them the first / last layers in registration order
-    are taken."""
+    are taken. ``data_preprocessor`` (which the Runner passes from the config's top level) goes to
+    the architecture unless it has its own."""
     if kwargs:
         raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
-                        'architecture, qconfig, bits, first_layers, last_layers')
+                        'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor')
+    architecture = dict(architecture)
+    if data_preprocessor is not None:
+        architecture.setdefault('data_preprocessor', data_preprocessor)
     model = MODELS.build(architecture)
     io = None if first_layers is None and last_layers is None else (set(first_layers or ()), set(last_layers or ()))
     report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)

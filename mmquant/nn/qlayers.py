@@ -1,6 +1,6 @@
-"""Quantized twins of ``nn.Conv2d`` and ``nn.Linear``.
+"""Quantized twins of ``nn.Conv2d``, ``nn.ConvTranspose2d`` and ``nn.Linear``.
 
-Each twin *is* a ``nn.Conv2d`` / ``nn.Linear`` (subclass), shares the float layer's weight and
+Each twin *is* a ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` (subclass), shares the float layer's weight and
 bias Parameters, and adds two quantizers: ``weight_quantizer`` and ``input_quantizer``
 (``None`` for weight-only quantization). Code that checks ``isinstance(m, nn.Conv2d)`` (weight
 init, BN folding, FLOP counters) keeps working on the converted model.
@@ -57,4 +57,21 @@ class QLinear(_QuantMixin, nn.Linear):
         return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
 
 
-QUANT_LAYERS = (QConv2d, QLinear)
+class QConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (e.g. Mask R-CNN's mask upsampler) with quantized weight and input.
+    Its weight is ``[in, out / groups, kh, kw]``: per-channel scales run along axis 1."""
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, weight_quantizer, input_quantizer=None):
+        q = cls.__new__(cls)
+        q._adopt(conv, weight_quantizer, input_quantizer)
+        return q
+
+    def forward(self, x, output_size=None):
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding,
+                                              self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(self._quant_input(x), self.quantized_weight(), self.bias, self.stride,
+                                  self.padding, output_padding, self.groups, self.dilation)
+
+
+QUANT_LAYERS = (QConv2d, QConvTranspose2d, QLinear)

@@ -42,6 +42,7 @@ class UniformQuantizer(nn.Module):
         self.observer = observer
         self.observing = False
         self.enabled = True
+        self.dynamic = False   # re-derive scale from every tensor (weights during fake-quant training)
 
     @property
     def bits(self) -> int:
@@ -80,6 +81,11 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             return self.observe(x)
+        if self.dynamic and self.enabled:
+            with torch.no_grad():
+                self.observer.reset()
+                self.observe(x)
+                self.compute_qparams()
         if not self.enabled or not bool(self.calibrated):
             return x
         qmin, qmax = self.qrange()
