@@ -11,31 +11,21 @@ import sys
 import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
-from mmquant.engine.cli import add_quant_args, check_file, check_quant_args, fail, quant_meta  # noqa: E402
+from mmquant.engine.cli import add_common_args, check_file, fail, load_config, quant_meta  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and post-training quantize) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (float, or quantized by mmquant)')
-    parser.add_argument('--work-dir', help='directory for logs, metrics and quantized checkpoints')
     parser.add_argument('--out-metrics', help='also write the metrics to this JSON file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, e.g. test_dataloader.batch_size=64')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    add_quant_args(parser, train=False)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_common_args(parser, train=False)
+    return parser.parse_args(argv)
 
 
 def quant_test_cfg(cfg, args):
@@ -64,20 +54,11 @@ def quant_test_cfg(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_quant_args(args)
-    check_file(args.config, 'config')
+    cfg = load_config(args)
     check_file(args.checkpoint, 'checkpoint')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     loop = quant_test_cfg(cfg, args)
     if loop is not None:
         cfg.test_cfg = loop
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
 
     runner = Runner.from_cfg(cfg)

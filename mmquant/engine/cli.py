@@ -1,11 +1,41 @@
-"""What tools/train.py and tools/test.py share: the quantization flags and checkpoint peeking."""
+"""What tools/train.py and tools/test.py share: the common flags, config loading, the
+quantization flags and checkpoint peeking."""
+import os
 import os.path as osp
 import sys
 
 import torch
+from mmengine.config import Config, DictAction
 
 from ..ptq import PTQ_METHODS, check_method
 from ..qconfig import parse_bits
+
+
+def add_common_args(parser, train: bool):
+    """``--work-dir``, ``--cfg-options``, ``--launcher``, ``--local-rank`` and the quant flags."""
+    parser.add_argument('--work-dir', help='directory for logs, checkpoints and metrics '
+                        '(default ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, e.g. train_cfg.max_epochs=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_quant_args(parser, train)
+
+
+def load_config(args) -> Config:
+    """Validate the flags (one-line errors), then load the config with the flags applied."""
+    check_quant_args(args)
+    check_file(args.config, 'config')
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
 
 
 def add_quant_args(parser, train: bool):

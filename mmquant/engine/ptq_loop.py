@@ -23,6 +23,7 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from mmengine.dist import broadcast, get_world_size, is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.registry import LOOPS
 from mmengine.runner import TestLoop
@@ -154,11 +155,24 @@ class PTQLoop(TestLoop):
         progress = Progress(len(batches), f'calibrating {self.tag} on {n} images', self.runner.logger)
         self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress)
         progress.close()
+        self._sync_ranks(model)
         seconds = time.perf_counter() - t0
         self.runner.logger.info(f'mmquant: {self.tag} calibrated on {n} images in {seconds:.1f} s')
         self.calib_seconds = seconds
-        if self.save_checkpoint:
+        if self.save_checkpoint and is_main_process():
             self._save(model)
+
+    @staticmethod
+    def _sync_ranks(model):
+        """Under a distributed launcher each rank calibrates on its shard of the calibration
+        images; rank 0's quantizer parameters are then given to every rank so they agree."""
+        if get_world_size() < 2:
+            return
+        for _, layer in quant_layers(model):
+            for q in (layer.weight_quantizer, layer.input_quantizer):
+                if q is not None:
+                    for buf in q.buffers():
+                        broadcast(buf, src=0)
 
     def _save(self, model):
         report = self.report

@@ -16,13 +16,17 @@ class _QuantMixin:
     weight_quantizer: nn.Module
     input_quantizer: Optional[nn.Module]
 
-    def _adopt(self, float_layer: nn.Module, weight_quantizer, input_quantizer):
-        """Take over the float layer's state: parameters, buffers, hooks, training flag."""
+    @classmethod
+    def from_float(cls, float_layer: nn.Module, weight_quantizer, input_quantizer=None):
+        """The twin of ``float_layer``: its parameters, buffers, hooks and training flag (the same
+        Parameter objects, so optimizers holding them keep working) plus the quantizers."""
+        q = cls.__new__(cls)
         for k, v in float_layer.__dict__.items():   # dicts copied so the two never alias
-            self.__dict__[k] = v.copy() if isinstance(v, dict) else v
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
-        self.float_type = type(float_layer).__name__
+            q.__dict__[k] = v.copy() if isinstance(v, dict) else v
+        q.weight_quantizer = weight_quantizer
+        q.input_quantizer = input_quantizer
+        q.float_type = type(float_layer).__name__
+        return q
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
@@ -34,24 +38,12 @@ class _QuantMixin:
 class QConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` (grouped and depthwise included) with quantized weight and input."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer, input_quantizer=None):
-        q = cls.__new__(cls)
-        q._adopt(conv, weight_quantizer, input_quantizer)
-        return q
-
     def forward(self, x):
         return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
 
 
 class QLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` with quantized weight and input."""
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quantizer, input_quantizer=None):
-        q = cls.__new__(cls)
-        q._adopt(linear, weight_quantizer, input_quantizer)
-        return q
 
     def forward(self, x):
         return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
@@ -60,12 +52,6 @@ class QLinear(_QuantMixin, nn.Linear):
 class QConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` (e.g. Mask R-CNN's mask upsampler) with quantized weight and input.
     Its weight is ``[in, out / groups, kh, kw]``: per-channel scales run along axis 1."""
-
-    @classmethod
-    def from_float(cls, conv: nn.ConvTranspose2d, weight_quantizer, input_quantizer=None):
-        q = cls.__new__(cls)
-        q._adopt(conv, weight_quantizer, input_quantizer)
-        return q
 
     def forward(self, x, output_size=None):
         output_padding = self._output_padding(x, output_size, self.stride, self.padding,

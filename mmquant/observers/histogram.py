@@ -2,6 +2,8 @@
 percentile, MSE and KL observers search over."""
 import torch
 
+from .base import Observer
+
 
 class Histogram:
     """Counts of values in bins ``[k * w, (k + 1) * w)`` for integers ``k``.
@@ -82,3 +84,19 @@ class ChannelSample:
             keep = (torch.arange(self.max_per_channel) * step).long()
             data = data[:, keep]
         self.data = data
+
+
+class DistributionObserver(Observer):
+    """An observer that keeps the data's distribution: a histogram of all values per tensor, a
+    bounded sample of each channel per channel."""
+
+    def __init__(self, per_channel=False, ch_axis=0, bins=2048):
+        self.bins = bins
+        super().__init__(per_channel, ch_axis)
+
+    def reset(self):
+        super().reset()
+        self.stat = ChannelSample() if self.per_channel else Histogram(self.bins)
+
+    def _update(self, flat):
+        self.stat.add(flat)

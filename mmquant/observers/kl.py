@@ -1,7 +1,6 @@
 import torch
 
-from .base import Observer
-from .histogram import Histogram
+from .histogram import DistributionObserver
 
 
 def kl_threshold(hist: torch.Tensor, num_levels: int) -> int:
@@ -32,7 +31,7 @@ def kl_threshold(hist: torch.Tensor, num_levels: int) -> int:
     return best_i
 
 
-class KLObserver(Observer):
+class KLObserver(DistributionObserver):
     """TensorRT-style entropy calibration for per-tensor activations: a histogram of ``|x|``
     (``bins`` bins) and the clip threshold that minimises KL(float || quantized)."""
     name = 'kl'
@@ -41,15 +40,7 @@ class KLObserver(Observer):
         if per_channel:
             raise ValueError('the kl observer is per-tensor (TensorRT entropy calibration); '
                              'use minmax, percentile or mse for per-channel tensors')
-        self.bins = bins
-        super().__init__(per_channel, ch_axis)
-
-    def reset(self):
-        super().reset()
-        self.stat = Histogram(self.bins)
-
-    def _update(self, flat):
-        self.stat.add(flat)
+        super().__init__(per_channel, ch_axis, bins)
 
     def compute_range(self, scheme, signed):
         folded = self.stat.folded()

@@ -1,11 +1,10 @@
 import torch
 
 from ..quantizers.functional import calc_qparams, fake_quantize
-from .base import Observer
-from .histogram import ChannelSample, Histogram
+from .histogram import DistributionObserver
 
 
-class MSEObserver(Observer):
+class MSEObserver(DistributionObserver):
     """Lp range search: shrink the observed range by ``alpha`` in ``(0, 1]`` and keep the
     ``alpha`` whose fake-quantized data is closest to the data in Lp norm (``p=2``: MSE).
 
@@ -17,15 +16,8 @@ class MSEObserver(Observer):
     def __init__(self, per_channel=False, ch_axis=0, p=2.0, grid=100, bins=4096):
         if p <= 0:
             raise ValueError(f'p={p!r} must be > 0')
-        self.p, self.grid, self.bins = p, grid, bins
-        super().__init__(per_channel, ch_axis)
-
-    def reset(self):
-        super().reset()
-        self.stat = ChannelSample() if self.per_channel else Histogram(self.bins)
-
-    def _update(self, flat):
-        self.stat.add(flat)
+        self.p, self.grid = p, grid
+        super().__init__(per_channel, ch_axis, bins)
 
     def _alphas(self):
         return torch.linspace(1.0 / self.grid, 1.0, self.grid)

@@ -1,7 +1,6 @@
 import torch
 
-from .base import Observer
-from .histogram import ChannelSample, Histogram
+from .histogram import DistributionObserver
 
 
 def _hist_quantile(lower_edges, counts, width, q):
@@ -13,7 +12,7 @@ def _hist_quantile(lower_edges, counts, width, q):
     return float(lower_edges[i]) + min(max(frac, 0.0), 1.0) * width
 
 
-class PercentileObserver(Observer):
+class PercentileObserver(DistributionObserver):
     """Clip at a percentile of the data instead of its extremes.
 
     Per tensor the percentile is read from a histogram of all calibration values; per channel
@@ -25,15 +24,8 @@ class PercentileObserver(Observer):
     def __init__(self, per_channel=False, ch_axis=0, percentile=99.99, bins=16384):
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f'percentile={percentile!r} must be in (50, 100]')
-        self.percentile, self.bins = percentile, bins
-        super().__init__(per_channel, ch_axis)
-
-    def reset(self):
-        super().reset()
-        self.stat = ChannelSample() if self.per_channel else Histogram(self.bins)
-
-    def _update(self, flat):
-        self.stat.add(flat)
+        self.percentile = percentile
+        super().__init__(per_channel, ch_axis, bins)
 
     def compute_range(self, scheme, signed):
         q = self.percentile / 100.0
