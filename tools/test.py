@@ -24,6 +24,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (float, or quantized by mmquant)')
     parser.add_argument('--out-metrics', help='also write the metrics to this JSON file')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision testing')
     add_common_args(parser, train=False)
     return parser.parse_args(argv)
 
@@ -59,6 +60,8 @@ def main(argv=None):
     loop = quant_test_cfg(cfg, args)
     if loop is not None:
         cfg.test_cfg = loop
+    if args.amp:
+        cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
     cfg.load_from = args.checkpoint
 
     runner = Runner.from_cfg(cfg)
