@@ -56,7 +56,9 @@ if ! have mmcv==2.1.0 || ! $VPY -c 'import mmcv.ops' 2>/dev/null; then
   if ! ls "$WHEEL_DIR"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
     log "building mmcv 2.1.0 with ops against $TORCH_TAG (about 13 minutes on 2 cores, once)"
     BUILD=$(mktemp -d)
-    curl -fsSL "$MMCV_SDIST_URL" -o "$BUILD/mmcv.tar.gz"
+    trap 'rm -rf "$BUILD"' EXIT
+    $VPY -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+        "$MMCV_SDIST_URL" "$BUILD/mmcv.tar.gz"
     echo "$MMCV_SDIST_SHA256  $BUILD/mmcv.tar.gz" | sha256sum -c --quiet
     tar -xzf "$BUILD/mmcv.tar.gz" -C "$BUILD"
     # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes c++14 / c++17
