@@ -71,7 +71,8 @@ if ! have mmcv==2.1.0 || ! $VPY -c 'import mmcv.ops' 2>/dev/null; then
     rm -rf "$BUILD"
   fi
   log "installing cached mmcv wheel from $WHEEL_DIR"
-  $PIP install --force-reinstall "$WHEEL_DIR"/mmcv-2.1.0-*.whl
+  $PIP uninstall -y mmcv mmcv-lite >/dev/null 2>&1 || true   # e.g. a build without ops
+  $PIP install "$WHEEL_DIR"/mmcv-2.1.0-*.whl
 fi
 
 # ---- the rest of the stack and mmquant itself -----------------------------------------------
