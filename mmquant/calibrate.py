@@ -47,7 +47,7 @@ def calibrate_weights(model: nn.Module):
 
 
 def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
-              progress: Optional[Callable[[int], None]] = None) -> List[str]:
+              progress: Optional[Callable[[int, int], None]] = None) -> List[str]:
     """Calibrate every quantizer of a converted model; return names of activation quantizers that
     saw no data (their layer never ran) and so stay float.
 
@@ -66,7 +66,7 @@ def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable
         for i, batch in enumerate(batches):
             forward_fn(model, batch)
             if progress is not None:
-                progress(i + 1)
+                progress(i + 1, len(batches))
     model.train(was_training)
     calibrate_weights(model)
     unseen = []

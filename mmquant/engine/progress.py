@@ -4,7 +4,8 @@ import time
 
 
 class Progress:
-    """Call with the number of finished steps; prints a bar on a TTY, else a few log lines."""
+    """Call with the number of finished steps (and the total, when the caller knows it better);
+    prints a bar on a TTY, else a few log lines."""
 
     def __init__(self, total: int, title: str, logger=None, every: float = 0.25):
         self.total, self.title, self.logger = max(int(total), 1), title, logger
@@ -13,7 +14,9 @@ class Progress:
         self.next_log = every
         self.every = every
 
-    def __call__(self, done: int):
+    def __call__(self, done: int, total: int = None):
+        if total is not None:
+            self.total = max(int(total), 1)
         frac = done / self.total
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / frac * (1 - frac) if frac > 0 else float('nan')

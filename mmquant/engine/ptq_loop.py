@@ -80,17 +80,18 @@ class PTQLoop(TestLoop):
     def __init__(self, runner, dataloader, evaluator, method: Optional[str] = None, bits: Optional[str] = None,
                  qconfig: Optional[dict] = None, calib_dataloader=None, calib_images: Optional[int] = None,
                  first_layers: Optional[Sequence[str]] = None, last_layers: Optional[Sequence[str]] = None,
-                 save_checkpoint: bool = True, fp16: bool = False):
+                 options: Optional[dict] = None, save_checkpoint: bool = True, fp16: bool = False):
         scheme = dict(runner.cfg.get('quant') or {})   # a configs/_base_/quant/*.py scheme
-        unknown = set(scheme) - {'method', 'bits', 'qconfig', 'calib_images'}
+        unknown = set(scheme) - {'method', 'bits', 'qconfig', 'calib_images', 'options'}
         if unknown:
             raise ValueError(f'unknown keys {sorted(unknown)} in the config\'s quant scheme; '
-                             'accepted: method, bits, qconfig, calib_images')
+                             'accepted: method, bits, qconfig, calib_images, options')
         method = method or scheme.get('method', 'minmax')
         bits = bits or scheme.get('bits')
         qconfig = qconfig if qconfig is not None else scheme.get('qconfig')
         calib_images = calib_images or scheme.get('calib_images')
-        self.method = build_ptq(method, qconfig, bits)
+        options = options if options is not None else scheme.get('options') or {}
+        self.method = build_ptq(method, qconfig, bits, **options)
         if calib_dataloader is None and isinstance(dataloader, dict):
             calib_dataloader = default_calib_dataloader(runner, dataloader)
         if calib_images is None:

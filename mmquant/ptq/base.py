@@ -44,6 +44,8 @@ class PTQMethod:
 
     def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
                   progress=None):
+        """Calibrate a converted model; ``progress(done, total)`` reports the method's own steps
+        (batches for the observers, layers for layer-wise methods)."""
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
