@@ -16,7 +16,9 @@ quantized checkpoint (meta records method, qconfig and the input/output layers, 
 ``tools/test.py CONFIG THAT.pth`` evaluates it again without recalibrating); then evaluate with
 the config's evaluator.
 """
+import contextlib
 import copy
+import logging
 import os
 import os.path as osp
 import time
@@ -32,6 +34,32 @@ from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
 from ..convert import convert, quant_layers
 from ..ptq import build_ptq
 from .progress import Progress
+
+
+class _ToRunnerLog(logging.Handler):
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record):
+        self.target.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def forward_logs(target):
+    """Within the block, what the torch-only code logs to ``logging.getLogger('mmquant')`` (e.g.
+    per-layer errors) goes to the runner's log instead."""
+    log = logging.getLogger('mmquant')
+    handler, propagate, level = _ToRunnerLog(target), log.propagate, log.level
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+        log.setLevel(level)
 
 
 def tensor_forward(model, data):
@@ -154,7 +182,8 @@ class PTQLoop(TestLoop):
         t0 = time.perf_counter()
         batches, n = _take_images(loader, self.calib_images)
         progress = Progress(len(batches), f'calibrating {self.tag} on {n} images', self.runner.logger)
-        self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress)
+        with forward_logs(self.runner.logger):
+            self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress)
         progress.close()
         self._sync_ranks(model)
         seconds = time.perf_counter() - t0
