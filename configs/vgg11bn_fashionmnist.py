@@ -14,7 +14,6 @@ custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
 
 data_preprocessor = dict(mean=[72.94] * 3, std=[90.02] * 3)
 train_dataloader = dict(dataset=dict(pipeline=[
-    dict(type='RandomCrop', crop_size=28, padding=2),
     dict(type='RandomFlip', prob=0.5, direction='horizontal'),
     dict(type='RepeatChannels'),
     dict(type='PackInputs'),
