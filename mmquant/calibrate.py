@@ -38,6 +38,12 @@ def observing(quantizers: List[UniformQuantizer]):
             q.observing = False
 
 
+def all_calibrated(model: nn.Module) -> bool:
+    """Whether every quantizer of a converted model has its parameters (calibrated or loaded)."""
+    return all(bool(q.calibrated) for _, m in quant_layers(model)
+               for q in (m.weight_quantizer, m.input_quantizer) if q is not None)
+
+
 def calibrate_weights(model: nn.Module):
     for _, layer in quant_layers(model):
         wq = layer.weight_quantizer

@@ -13,9 +13,9 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..calibrate import calibrate, calibrate_weights
+from ..calibrate import all_calibrated, calibrate, calibrate_weights
 from ..convert import quant_layers
-from .ptq_loop import PTQLoop, tensor_forward
+from .ptq_loop import tensor_forward
 
 
 @HOOKS.register_module()
@@ -39,7 +39,7 @@ class QuantCalibrationHook(Hook):
                              "model = dict(type='QuantizedModel', architecture=..., qconfig=...)")
         for _, layer in layers:
             layer.weight_quantizer.dynamic = True
-        if PTQLoop._all_calibrated(model):
+        if all_calibrated(model):
             return
         batches = []
         for i, data in enumerate(runner.train_dataloader):

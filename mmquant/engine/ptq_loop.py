@@ -31,6 +31,7 @@ from mmengine.registry import LOOPS
 from mmengine.runner import TestLoop
 from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
 
+from ..calibrate import all_calibrated
 from ..convert import convert, quant_layers
 from ..ptq import build_ptq
 from .progress import Progress
@@ -146,14 +147,9 @@ class PTQLoop(TestLoop):
             self.report = convert(model, self.method.qconfig, io_layers=self.io_layers,
                                   example_forward=lambda: tensor_forward(model, example))
             logger.info(self.report.format())
-        if not self._restore(model) and not self._all_calibrated(model):
+        if not self._restore(model) and not all_calibrated(model):
             self._calibrate(model)
         return super().run()
-
-    @staticmethod
-    def _all_calibrated(model) -> bool:
-        qs = [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]
-        return all(bool(q.calibrated) for q in qs)
 
     def _restore(self, model) -> bool:
         """Load calibrated quantizers from the runner's checkpoint, if it has them."""
