@@ -46,10 +46,7 @@ def all_calibrated(model: nn.Module) -> bool:
 
 def calibrate_weights(model: nn.Module):
     for _, layer in quant_layers(model):
-        wq = layer.weight_quantizer
-        wq.observer.reset()
-        wq.observe(layer.weight.detach())
-        wq.compute_qparams()
+        layer.weight_quantizer.fit(layer.weight)
 
 
 def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,

@@ -16,7 +16,8 @@ from .quantizers import QScheme, UniformQuantizer
 # empty-tensor handling), so swapping them loses nothing. Named, not imported: no mmcv needed.
 _PLAIN_SUBCLASSES = {'mmcv.cnn.bricks.wrappers.Conv2d', 'mmcv.cnn.bricks.wrappers.ConvTranspose2d',
                      'mmcv.cnn.bricks.wrappers.Linear'}
-_TWINS = ((nn.Conv2d, QConv2d), (nn.ConvTranspose2d, QConvTranspose2d), (nn.Linear, QLinear))
+_TWINS = ((nn.Conv2d, QConv2d, 'conv'), (nn.ConvTranspose2d, QConvTranspose2d, 'deconv'),
+          (nn.Linear, QLinear, 'linear'))
 
 
 def _qualname(m: nn.Module) -> str:
@@ -28,7 +29,7 @@ def classify_layer(m: nn.Module) -> Tuple[Optional[type], Optional[str]]:
     must leave float, ``(None, None)`` for everything else."""
     if isinstance(m, QUANT_LAYERS):
         return None, 'already quantized'
-    for base, twin in _TWINS:
+    for base, twin, _ in _TWINS:
         if isinstance(m, base):
             if type(m) is base or _qualname(m) in _PLAIN_SUBCLASSES:
                 if getattr(m, 'padding_mode', 'zeros') != 'zeros':
@@ -207,8 +208,7 @@ def convert(model: nn.Module, qconfig: QConfig,
     modules = dict(model.named_modules())
     for name in names:
         m = modules[name]
-        kind = {nn.Conv2d: 'conv', nn.ConvTranspose2d: 'deconv', nn.Linear: 'linear'}[
-            next(b for b, _ in _TWINS if isinstance(m, b))]
+        kind = next(k for base, _, k in _TWINS if isinstance(m, base))
         skip = next((p for p in qconfig.skip if _matches(name, p)), None)
         if skip is not None:
             report.kept_float.append(LayerRecord(name, kind, reason=f'skip pattern {skip!r}'))

@@ -10,12 +10,11 @@ ranges follow the weights: each forward re-derives the weight scale from the cur
 and the scales written into every checkpoint are those of the weights saved with it.
 """
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..calibrate import all_calibrated, calibrate, calibrate_weights
 from ..convert import quant_layers
-from .ptq_loop import tensor_forward
+from .ptq_loop import tensor_forward, unwrap
 
 
 @HOOKS.register_module()
@@ -27,12 +26,8 @@ class QuantCalibrationHook(Hook):
             raise ValueError(f'num_batches={num_batches} must be >= 1')
         self.num_batches = num_batches
 
-    @staticmethod
-    def _model(runner):
-        return runner.model.module if is_model_wrapper(runner.model) else runner.model
-
     def before_train(self, runner):
-        model = self._model(runner)
+        model = unwrap(runner.model)
         layers = quant_layers(model)
         if not layers:
             raise ValueError('QuantCalibrationHook needs a quantized model: use '
@@ -53,7 +48,7 @@ class QuantCalibrationHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint):
         """The optimizer stepped after the last forward: refresh the weight scales to match the
         weights being saved."""
-        model = self._model(runner)
+        model = unwrap(runner.model)
         calibrate_weights(model)
         state = checkpoint['state_dict']
         for name, layer in quant_layers(model):

@@ -63,6 +63,11 @@ def forward_logs(target):
         log.setLevel(level)
 
 
+def unwrap(model):
+    """The model inside a DDP / FSDP wrapper (or the model itself)."""
+    return model.module if is_model_wrapper(model) else model
+
+
 def tensor_forward(model, data):
     """The calibration forward pass: data preprocessor, then the ``tensor`` mode (backbone, neck
     and heads, the RoI heads of two-stage detectors included; no post-processing)."""
@@ -140,7 +145,7 @@ class PTQLoop(TestLoop):
         return f'{self.method.name}_{self.method.qconfig.bits_tag()}'
 
     def run(self):
-        model = self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
+        model = unwrap(self.runner.model)
         logger = self.runner.logger
         if not quant_layers(model):
             example = next(iter(self.dataloader))

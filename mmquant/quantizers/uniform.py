@@ -78,14 +78,20 @@ class UniformQuantizer(nn.Module):
         self.signed.fill_(signed)
         self.calibrated.fill_(True)
 
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor):
+        """Set the parameters from ``x`` alone (a weight tensor): observe it afresh and compute."""
+        if self.observer is None:
+            raise RuntimeError('this quantizer has no observer to calibrate with')
+        self.observer.reset()
+        self.observer.update(x.detach())
+        self.compute_qparams()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             return self.observe(x)
         if self.dynamic and self.enabled:
-            with torch.no_grad():
-                self.observer.reset()
-                self.observe(x)
-                self.compute_qparams()
+            self.fit(x)
         if not self.enabled or not bool(self.calibrated):
             return x
         qmin, qmax = self.qrange()
