@@ -13,7 +13,7 @@ from mmquant.ptq import BitSplitPTQ, build_ptq
 from mmquant.ptq.bitsplit import BitSplitRecord, gather_patches, recalibrate_bn, weight_groups
 from mmquant.ptq.bitsplit_solver import (als_activation_scale, closed_form_alpha, fit_layer, fit_weight_only,
                                          objective, qmax_of, response_problem, rtn_init, split_planes,
-                                         stitch_planes, update_plane_response, update_plane_weight_only,
+                                         stitch_planes, update_plane_response, round_to_grid,
                                          weight_error)
 
 from test_convert import TwoHeads, _calib
@@ -77,23 +77,22 @@ def test_objective_matches_data_and_closed_form_alpha_is_the_minimum(per_channel
             assert torch.all(objective(prob, a2, v)[:, i] >= per[:, i])
 
 
-def test_weight_only_plane_update_is_exact_and_never_increases():
+def test_weight_only_integers_are_the_joint_optimum_over_the_planes():
     w, _, _ = _problem(c=8, d=30, seed=3)
-    alpha, v = rtn_init(w, 4, True)
-    alpha = alpha * 0.8          # a scale at which the rounded start is not already optimal
-    planes = split_planes(torch.clamp(torch.round(w / alpha), -7, 7), 4)
-    before = weight_error(w, alpha, stitch_planes(planes))
+    alpha, _ = rtn_init(w, 4, True)
+    alpha = alpha * 0.8          # a scale at which some weights clip
+    planes = split_planes(round_to_grid(w, alpha, 4), 4)
+    base = (w - alpha * stitch_planes(planes)) ** 2
+    # no ternary change of one plane, nor of two planes at once, lowers any element's error
     for m in range(3):
-        update_plane_weight_only(w, alpha, planes, m)
-        after = weight_error(w, alpha, stitch_planes(planes))
-        assert torch.all(after <= before + 1e-12)
-        # exact: no single ternary change of plane m lowers the error of its element
-        s = 2.0 ** m
-        base = ((w - alpha * stitch_planes(planes)) ** 2)
-        for q in (-1.0, 0.0, 1.0):
-            moved = w - alpha * (stitch_planes(planes) + s * (q - planes[m]))
-            assert torch.all(moved ** 2 >= base - 1e-12)
-        before = after
+        for k in range(3):
+            for q in (-1.0, 0.0, 1.0):
+                for r in (-1.0, 0.0, 1.0):
+                    moved = planes.clone()
+                    moved[m] = q
+                    if k != m:
+                        moved[k] = r
+                    assert torch.all((w - alpha * stitch_planes(moved)) ** 2 >= base - 1e-12)
 
 
 @pytest.mark.parametrize('per_channel', [True, False])

@@ -30,7 +30,7 @@ from .base import PTQMethod, register_ptq
 from .bitsplit_solver import (FitResult, als_activation_scale, closed_form_alpha, fit_layer,
                               fit_weight_only, objective, qmax_of, response_problem, rtn_init,
                               split_planes, stitch_planes, update_plane_response,
-                              update_plane_weight_only, weight_error)
+                              round_to_grid, weight_error)
 
 logger = logging.getLogger('mmquant')
 
@@ -38,7 +38,7 @@ __all__ = ['BitSplitPTQ', 'BitSplitRecord', 'recalibrate_bn', 'weight_groups', '
            # the math, from bitsplit_solver
            'FitResult', 'als_activation_scale', 'closed_form_alpha', 'fit_layer', 'fit_weight_only',
            'objective', 'qmax_of', 'response_problem', 'rtn_init', 'split_planes', 'stitch_planes',
-           'update_plane_response', 'update_plane_weight_only']
+           'update_plane_response', 'round_to_grid']
 
 
 @dataclass
@@ -441,7 +441,7 @@ class BitSplitPTQ(PTQMethod):
                 aq.calibrated.fill_(True)
         if not s.seen or isinstance(layer, QConvTranspose2d):
             a0, v0 = rtn_init(w, bits, per_channel)
-            alpha, ints = fit_weight_only(w, bits, per_channel, 10, a0, v0)
+            alpha, ints = fit_weight_only(w, bits, per_channel, alpha=a0, v=v0)
             norm = float((w ** 2).sum()) or 1.0
             err_rtn = math.sqrt(float(weight_error(w, a0, v0).sum()) / norm)
             err = math.sqrt(float(weight_error(w, alpha, ints).sum()) / norm)

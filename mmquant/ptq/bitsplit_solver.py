@@ -110,31 +110,27 @@ def weight_error(w: torch.Tensor, alpha: torch.Tensor, v: torch.Tensor) -> torch
     return ((w - alpha * v) ** 2).sum(-1)
 
 
-def update_plane_weight_only(w: torch.Tensor, alpha: torch.Tensor, planes: torch.Tensor, m: int) -> torch.Tensor:
-    """Exact minimisation of ``||w - alpha v||^2`` over plane ``m`` (0-based) with the other
-    planes fixed: elementwise ``q = clip(round(residual / (alpha 2^m)), -1, 1)``. In place."""
-    s = 2.0 ** m
-    rest = stitch_planes(planes) - s * planes[m]
-    planes[m] = torch.clamp(torch.round((w / alpha - rest) / s), -1, 1)
-    return planes
+def round_to_grid(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """The exact minimiser of ``||w - alpha v||^2`` over all bit planes jointly for fixed ``alpha``:
+    the M-1 ternary planes span every integer in ``[-qmax, qmax]``, so it is elementwise
+    ``clip(round(w / alpha))`` (a plane-by-plane sweep can stop short of it)."""
+    q = qmax_of(bits)
+    return torch.clamp(torch.round(w / alpha), -q, q)
 
 
-def fit_weight_only(w: torch.Tensor, bits: int, per_channel: bool = True, iters: int = 10,
+def fit_weight_only(w: torch.Tensor, bits: int, per_channel: bool = True, iters: int = 50,
                     alpha: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None):
-    """Stage 1: alternate the closed-form alpha and exact plane updates on ``||w - alpha v||^2``,
-    from round-to-nearest unless ``alpha`` / ``v`` are given. Returns ``(alpha, v)``; the weight
-    error never exceeds that of the start."""
+    """Stage 1: alternate the closed-form alpha and the exact integers for it
+    (:func:`round_to_grid`) on ``||w - alpha v||^2`` until the integers stop changing, from
+    round-to-nearest unless ``alpha`` / ``v`` are given. Returns ``(alpha, v)``; the weight error
+    never exceeds that of the start."""
     if alpha is None or v is None:
         alpha, v = rtn_init(w, bits, per_channel)
-    planes = split_planes(v, bits)
     best_a, best_v = alpha.clone(), v.clone()
     best_f = weight_error(w, alpha, v)
     for _ in range(iters):
-        alpha = closed_form_alpha(v, w, None, per_channel, fallback=alpha)
-        alpha, planes = make_positive(alpha, planes)
-        for m in reversed(range(planes.shape[0])):
-            update_plane_weight_only(w, alpha, planes, m)
-        v_new = stitch_planes(planes)
+        alpha = torch.clamp(closed_form_alpha(v, w, None, per_channel, fallback=alpha).abs(), min=_TINY)
+        v_new = round_to_grid(w, alpha, bits)
         f = weight_error(w, alpha, v_new)
         best_a, best_v, best_f, improved = _keep_best(best_a, best_v, best_f, alpha, v_new, f, per_channel)
         done = torch.equal(v_new, v)
@@ -284,7 +280,7 @@ def _rel(f: torch.Tensor, yy: torch.Tensor) -> float:
 
 
 def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = True, iters: int = 4,
-              y: Optional[torch.Tensor] = None, weight_iters: int = 10, block_size: int = 64,
+              y: Optional[torch.Tensor] = None, weight_iters: int = 50, block_size: int = 64,
               tol: float = 1e-4) -> FitResult:
     """BitSplit for one layer: ``w [g, C, D]`` (or ``[C, D]``), inputs ``x [g, D, N]`` (or
     ``[D, N]``), target ``y`` (default ``w x``).
