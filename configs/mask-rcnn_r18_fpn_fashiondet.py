@@ -1,0 +1,30 @@
+# Stock mmdet Mask R-CNN (ResNet-18 + FPN, the mask-rcnn_r50_fpn.py architecture with depth 18)
+# trained from scratch on the local fashion_det set (tools/make_detection_set.py) on the CPU.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    './_base_/datasets/fashion_det.py',
+    './_base_/schedules/fashion_det_cpu.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
+
+channels = 128   # FPN / head width (256 in the COCO recipe); the heads dominate the cost here
+model = dict(
+    # from scratch: no pretrained weights (nothing is downloaded), so no frozen stem and BN trains
+    backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=channels),
+    rpn_head=dict(in_channels=channels, feat_channels=channels),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=channels),
+        bbox_head=dict(in_channels=channels, fc_out_channels=512, num_classes=10),
+        mask_roi_extractor=dict(out_channels=channels),
+        mask_head=dict(in_channels=channels, conv_out_channels=channels, num_classes=10)),
+    # a 128x128 canvas holds 2-5 objects: fewer proposals and sampled RoIs than on COCO images
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
+        rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=300)))
+default_hooks = dict(
+    logger=dict(interval=50),
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
+randomness = dict(seed=0)

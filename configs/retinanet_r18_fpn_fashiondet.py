@@ -1,0 +1,20 @@
+# Stock mmdet RetinaNet (ResNet-18 + FPN, mmdet's retinanet_r18_fpn_1x_coco.py architecture) trained
+# from scratch on the local fashion_det set (tools/make_detection_set.py) on the CPU.
+_base_ = [
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    './_base_/datasets/fashion_det.py',
+    './_base_/schedules/fashion_det_cpu.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
+
+channels = 128   # FPN / head width (256 in the COCO recipe); the heads dominate the cost here
+model = dict(
+    # from scratch: no pretrained weights (nothing is downloaded), so no frozen stem and BN trains
+    backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=channels),
+    bbox_head=dict(num_classes=10, in_channels=channels, feat_channels=channels))
+default_hooks = dict(
+    logger=dict(interval=50),
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
+randomness = dict(seed=0)
