@@ -1,4 +1,6 @@
 """OpenMMLab glue: registered entry points found through ``custom_imports=['mmquant']``."""
+from importlib.util import find_spec
+
 from .checkpoint import allow_openmmlab_checkpoints
 from .hooks import QuantCalibrationHook
 from .model import build_quantized_model
@@ -6,6 +8,9 @@ from .transforms import RepeatChannels
 from .ptq_loop import PTQLoop, tensor_forward
 
 allow_openmmlab_checkpoints()
+
+if find_spec('mmdet') is not None:
+    from .. import det  # noqa: F401  (registers BlendMask in mmdet)
 
 __all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward',
            'allow_openmmlab_checkpoints']
