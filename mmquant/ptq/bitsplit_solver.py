@@ -287,9 +287,9 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
 
     1. round-to-nearest start (``alpha = max|w| / qmax``);
     2. stage 1, weight-only alternation (:func:`fit_weight_only`);
-    3. stage 2 from the better of the two (per channel when the scale is per channel):
+    3. stage 2 from the stage-1 state, keeping the best state seen (round-to-nearest included):
        ``iters`` rounds of closed-form alpha, then one coordinate-descent sweep per bit plane from
-       the most significant, then stitching; the best state seen is kept, and the rounds stop
+       the most significant, then stitching; the rounds stop
        early once the objective improves by less than ``tol`` (relative).
     """
     w, x, y = as_groups(w, x, y)
@@ -299,10 +299,9 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
     a1, v1 = fit_weight_only(w, bits, per_channel, weight_iters, a0, v0)
     f1, rg1 = objective(prob, a1, v1, return_rg=True)
     best_a, best_v, best_f, _ = _keep_best(a0, v0, f_rtn, a1, v1, f1, per_channel)
-    # v G of the start, recovered from r G = (alpha v - w) G without another product
-    pick = (best_v == v1).all(-1, keepdim=True) & (best_a == a1)
-    rg = torch.where(pick, rg1, rg0)
-    alpha, v = best_a.clone(), best_v.clone()
+    # the rounds start from stage 1 even where round-to-nearest has the lower response error:
+    # its better weight fit leads to better optima (the best state seen is what is returned)
+    alpha, v, rg = a1.clone(), v1.clone(), rg1
     planes = split_planes(v, bits)
     history = [float(best_f.sum())]
     prev = history[0]

@@ -1,6 +1,6 @@
 # Fashion-MNIST items composed onto 128x128 canvases with boxes and instance masks, in COCO format
-# (tools/make_detection_set.py writes it). Images are already canvas-sized: the Resize to the
-# canvas size changes no pixel but records scale_factor, which mmdet's heads need to map boxes
+# (tools/make_detection_set.py writes it). Images are already canvas-sized: the Resize by 1.0
+# changes no pixel but records scale_factor, which mmdet's heads need to map boxes
 # back to the image; mmdet's DetDataPreprocessor pads to a multiple of 32, which 128 already is.
 # file_name in the annotation files is relative to the split folder, hence data_prefix below.
 dataset_type = 'CocoDataset'
@@ -15,13 +15,13 @@ backend_args = None
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='Resize', scale_factor=1.0, keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
-    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='Resize', scale_factor=1.0, keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
