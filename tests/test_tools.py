@@ -165,3 +165,30 @@ def test_getattr_in_a_checkpoint_only_reaches_history_buffer_statistics(tmp_path
     from mmquant.engine.checkpoint import history_buffer_getattr
     with pytest.raises(Exception, match='only HistoryBuffer statistics'):
         history_buffer_getattr(torch, 'load')
+
+
+def test_ptq_table_benchmark_runs_every_cell_and_writes_json(float_run):
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'table.json'
+    proc = run_tool('benchmarks/ptq_table.py', cfg, ckpt, '--methods', 'minmax,percentile', '--bits', 'w8a8,w4',
+                    '--granularity', 'channel,layer', '--calib-images', '64', '--out', str(out))
+    result = read(out)
+    cells = {(r['bits'], r['column']) for r in result['results']}
+    assert cells == {('fp', 'float')} | {(b, f'{m} ({g})') for b in ('w8a8', 'w4')
+                                         for m in ('minmax', 'percentile') for g in ('channel', 'layer')}
+    assert result['metric'] == 'accuracy/top1' and result['calib_images'] == 64
+    assert all(0 <= r['value'] <= 100 for r in result['results'])
+    assert '| W4 |' in proc.stdout and '| percentile (layer) |' in proc.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--methods', 'nosuch'], "error: unknown quantization method 'nosuch'"),
+    (['--granularity', 'tensor'], "error: unknown granularity ['tensor']; accepted: channel, layer"),
+    (['--options', 'num_samples=4'], "error: --options 'num_samples=4': expected METHOD.OPTION=VALUE"),
+    (['--options', 'bitsplit.nosuch=4'], "error: unknown options ['nosuch'] for method 'bitsplit'"),
+    (['--bits', 'w1'], "error: weight bits in 'w1'=1 is out of range"),
+])
+def test_ptq_table_errors_are_one_line(args, message):
+    proc = run_tool('benchmarks/ptq_table.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr

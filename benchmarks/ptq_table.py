@@ -1,0 +1,210 @@
+"""Accuracy / AP table of post-training quantization methods over bit widths, in one process.
+
+The float model, the calibration images and the test set are loaded once; every cell quantizes a
+fresh copy of the float model, calibrates it on the same images and evaluates it with the
+config's evaluator. Prints a Markdown table (rows: bit settings, columns: method and weight
+granularity) and, with ``--out``, writes every cell with its calibration time as JSON.
+
+    python benchmarks/ptq_table.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/epoch_8.pth \\
+        --methods minmax,bitsplit --granularity channel,layer --bits w8a8,w6,w5,w4,w3,w4a8,w4a4,w3a8
+    # calibration time and accuracy against bitsplit's samples per layer:
+    python benchmarks/ptq_table.py CONFIG CKPT --methods bitsplit --bits w4a8 --sweep num_samples=512,1024,4096
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import time
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
+from mmquant.convert import convert  # noqa: E402
+from mmquant.engine.cli import check_file, fail  # noqa: E402
+from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
+                                     tensor_forward)
+from mmquant.ptq import build_ptq, check_method  # noqa: E402
+from mmquant.qconfig import parse_bits  # noqa: E402
+
+GRANULARITY = {'channel': True, 'layer': False}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config')
+    p.add_argument('checkpoint', help='float checkpoint')
+    p.add_argument('--methods', default='minmax,bitsplit', help='comma-separated PTQ methods')
+    p.add_argument('--bits', default='w8a8,w6,w5,w4,w3,w4a8,w4a4,w3a8', help='comma-separated settings')
+    p.add_argument('--granularity', default='channel,layer',
+                   help='weight scales: channel (per output channel), layer (one per layer), or both')
+    p.add_argument('--calib-images', type=int, default=None,
+                   help='calibration images from the train set (default 1024; 64 for mmdet)')
+    p.add_argument('--options', nargs='+', default=[], metavar='METHOD.OPTION=VALUE',
+                   help='method options, e.g. bitsplit.num_samples=2048 bitsplit.iters=4')
+    p.add_argument('--sweep', default=None, metavar='OPTION=V1,V2,...',
+                   help='one method option swept over values (one column each), e.g. num_samples=512,4096')
+    p.add_argument('--metric', default=None, help='metric key to tabulate (default: the first one)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction)
+    p.add_argument('--out', help='write all cells to this JSON file')
+    p.add_argument('--no-float', action='store_true', help='skip the float row')
+    return p.parse_args(argv)
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def method_options(items) -> dict:
+    """``['bitsplit.num_samples=2048']`` -> ``{'bitsplit': {'num_samples': 2048}}``."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition('=')
+        method, dot, option = key.partition('.')
+        if not (eq and dot and option):
+            raise ValueError(f'--options {item!r}: expected METHOD.OPTION=VALUE, e.g. bitsplit.num_samples=2048')
+        out.setdefault(check_method(method), {})[option] = parse_value(value)
+    return out
+
+
+def cells(args):
+    """(column label, method, options, per_channel) for every column of the table."""
+    methods = [check_method(m) for m in args.methods.split(',')]
+    grans = args.granularity.split(',')
+    bad = [g for g in grans if g not in GRANULARITY]
+    if bad:
+        raise ValueError(f'unknown granularity {bad}; accepted: {", ".join(GRANULARITY)}')
+    options = method_options(args.options)
+    sweep = [(None, None)]
+    if args.sweep:
+        key, _, values = args.sweep.partition('=')
+        if not values:
+            raise ValueError(f'--sweep {args.sweep!r}: expected OPTION=V1,V2,...')
+        sweep = [(key, parse_value(v)) for v in values.split(',')]
+    out = []
+    for method in methods:
+        opts = options.get(method, {})
+        for gran in grans:
+            for key, value in sweep:
+                o = dict(opts, **({key: value} if key else {}))
+                label = f'{method} ({gran})' + (f' {key}={value}' if key else '')
+                build_ptq(method, None, 'w8a8', **o)          # unknown options fail here, early
+                out.append((label, method, o, GRANULARITY[gran]))
+    return out
+
+
+def evaluate(model, loader, evaluator):
+    model.eval()
+    with torch.no_grad():
+        for data in loader:
+            evaluator.process(data_samples=model.test_step(data), data_batch=data)
+    return evaluator.evaluate(len(loader.dataset))
+
+
+def pick(metrics: dict, key):
+    if key is None:
+        key = next(iter(metrics))
+    if key not in metrics:
+        fail(f'metric {key!r} not in {sorted(metrics)}')
+    return key, float(metrics[key])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        columns = cells(args)
+        settings = [b.strip() for b in args.bits.split(',')]
+        for b in settings:
+            parse_bits(b)
+    except ValueError as e:
+        fail(str(e))
+    check_file(args.config, 'config')
+    check_file(args.checkpoint, 'checkpoint')
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = osp.join('work_dirs', 'benchmarks', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = None
+    runner = Runner.from_cfg(cfg)
+    logger = MMLogger.get_current_instance()
+    runner.load_checkpoint(args.checkpoint, map_location='cpu')
+    float_model = runner.model
+    loader = runner.build_dataloader(cfg.test_dataloader, seed=runner.seed)
+    evaluator = runner.build_evaluator(cfg.test_evaluator)
+    evaluator.dataset_meta = loader.dataset.metainfo
+    n_calib = args.calib_images or (64 if cfg.get('default_scope') == 'mmdet' else 1024)
+    calib_cfg = default_calib_dataloader(runner, cfg.test_dataloader)
+    batches, n_calib = _take_images(runner.build_dataloader(calib_cfg, seed=runner.seed), n_calib)
+    example = batches[0]
+
+    results = []
+    metric_key = args.metric
+    if not args.no_float:
+        t0 = time.perf_counter()
+        metrics = evaluate(float_model, loader, evaluator)
+        metric_key, value = pick(metrics, metric_key)
+        results.append(dict(bits='fp', column='float', value=value, metrics=metrics,
+                            eval_seconds=time.perf_counter() - t0))
+        logger.info(f'float: {metric_key} = {value:.2f}')
+    for bits in settings:
+        for label, method, options, per_channel in columns:
+            model = copy.deepcopy(float_model)
+            qconfig = dict(default=dict(w_per_channel=per_channel))
+            ptq = build_ptq(method, qconfig, bits, **options)
+            convert(model, ptq.qconfig, example_forward=lambda: tensor_forward(model, example))
+            t0 = time.perf_counter()
+            with forward_logs(logger):
+                ptq.calibrate(model, batches, forward_fn=tensor_forward)
+            calib = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = evaluate(model, loader, evaluator)
+            metric_key, value = pick(metrics, metric_key)
+            results.append(dict(bits=bits, column=label, method=method, options=options,
+                                per_channel=per_channel, value=value, metrics=metrics,
+                                calib_seconds=calib, eval_seconds=time.perf_counter() - t0))
+            logger.info(f'{bits} {label}: {metric_key} = {value:.2f} (calibration {calib:.1f} s)')
+            del model
+    table = format_table(results, settings, [c[0] for c in columns], metric_key, n_calib)
+    print(table)
+    if args.out:
+        tmp = args.out + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(dict(config=args.config, checkpoint=args.checkpoint, calib_images=n_calib,
+                           metric=metric_key, threads=torch.get_num_threads(), results=results),
+                      f, indent=2, default=float)
+        os.replace(tmp, args.out)
+    return results
+
+
+def format_table(results, settings, labels, metric_key, n_calib) -> str:
+    """Markdown: one row per bit setting, one column per method; calibration seconds in brackets."""
+    by = {(r['bits'], r['column']): r for r in results}
+    lines = [f'{metric_key}; calibration seconds in brackets ({n_calib} calibration images, '
+             f'{torch.get_num_threads()} threads)', '',
+             '| bits | ' + ' | '.join(labels) + ' |', '|---' * (len(labels) + 1) + '|']
+    fp = by.get(('fp', 'float'))
+    if fp:
+        lines.append('| FP | ' + ' | '.join(f'{fp["value"]:.2f}' for _ in labels) + ' |')
+    for bits in settings:
+        row = []
+        for label in labels:
+            r = by[(bits, label)]
+            row.append(f'{r["value"]:.2f} ({r["calib_seconds"]:.0f} s)')
+        lines.append(f'| {bits.upper()} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    main()
