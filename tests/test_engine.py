@@ -1,4 +1,7 @@
 """The OpenMMLab glue on its own: registries, the QuantizedModel builder, calibration batching."""
+import glob
+import os.path as osp
+
 import pytest
 import torch
 from mmengine.registry import HOOKS, LOOPS, MODELS, init_default_scope
@@ -6,6 +9,8 @@ from mmengine.registry import HOOKS, LOOPS, MODELS, init_default_scope
 import mmquant  # noqa: F401
 from mmquant.convert import quant_layers
 from mmquant.engine.ptq_loop import _take_images
+
+from conftest import ROOT
 
 ARCH = dict(type='ImageClassifier',
             backbone=dict(type='ResNet', depth=18, in_channels=1),
@@ -41,3 +46,14 @@ def test_take_images_cuts_the_last_batch_to_the_exact_count():
     assert n == 10 and [len(b['inputs']) for b in out] == [4, 4, 2] and out[-1]['data_samples'] == [0, 1]
     out, n = _take_images(batches, 100)
     assert n == 20 and len(out) == 5
+
+
+@pytest.mark.parametrize('scheme', sorted(glob.glob(osp.join(ROOT, 'configs', '_base_', 'quant', '*.py'))),
+                         ids=osp.basename)
+def test_every_quant_scheme_builds_its_method(scheme):
+    from mmengine.config import Config
+    from mmquant.ptq import build_ptq
+    quant = Config.fromfile(scheme).quant
+    assert set(quant) <= {'method', 'bits', 'qconfig', 'calib_images', 'options'}
+    method = build_ptq(quant['method'], quant.get('qconfig'), quant['bits'], **quant.get('options', {}))
+    assert method.qconfig.bits_tag() == quant['bits']

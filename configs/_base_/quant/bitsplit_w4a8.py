@@ -1,0 +1,4 @@
+# PTQ scheme: BitSplit (ICML 2020) at W4A8 with per-channel weight scales and the method's defaults
+# spelled out; pair it with test_cfg = dict(type='PTQLoop').
+quant = dict(method='bitsplit', bits='w4a8',
+             options=dict(num_samples=4096, iters=4, error_compensation=False, bn_recalibration=False))
