@@ -251,9 +251,12 @@ def update_plane_response(prob: ResponseProblem, alpha: torch.Tensor, planes: to
         for k in range(j1 - j0):
             q = pbs[k]
             dq = torch.addcmul(q, hbs[k], ibs[k], value=-1).round_().clamp_(-1, 1).sub_(q)
-            q.add_(dq)
-            if k + 1 < j1 - j0:   # the columns still to visit in this block see the change
-                hb[:, k + 1:].baddbmm_(gb[:, k + 1:, k:k + 1], dq.unsqueeze(1).mul_(step_t))
+            # the columns still to visit in this block see the change (most columns keep their
+            # value once the fit settles: skipping them halves the work of the later rounds)
+            if bool(dq.any()):
+                q.add_(dq)
+                if k + 1 < j1 - j0:
+                    hb[:, k + 1:].baddbmm_(gb[:, k + 1:, k:k + 1], dq.unsqueeze(1).mul_(step_t))
         planes[m, :, :, j0:j1] = pb.transpose(1, 2)
         r[:, :, j0:j1] += (pb - old).transpose(1, 2) * step
     return planes
