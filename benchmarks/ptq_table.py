@@ -52,7 +52,9 @@ def parse_args(argv=None):
                    help='method options, e.g. bitsplit.num_samples=2048 bitsplit.iters=4')
     p.add_argument('--sweep', default=None, metavar='OPTION=V1,V2,...',
                    help='one method option swept over values (one column each), e.g. num_samples=512,4096')
-    p.add_argument('--metric', default=None, help='metric key to tabulate (default: the first one)')
+    p.add_argument('--metric', default=None,
+                   help='metric key(s) to tabulate, comma-separated, e.g. coco/bbox_mAP,coco/segm_mAP '
+                        '(default: the first metric); COCO mAPs are shown in percent')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     p.add_argument('--out', help='write all cells to this JSON file')
     p.add_argument('--no-float', action='store_true', help='skip the float row')
@@ -112,12 +114,17 @@ def evaluate(model, loader, evaluator):
     return evaluator.evaluate(len(loader.dataset))
 
 
-def pick(metrics: dict, key):
-    if key is None:
-        key = next(iter(metrics))
-    if key not in metrics:
-        fail(f'metric {key!r} not in {sorted(metrics)}')
-    return key, float(metrics[key])
+def pick(metrics: dict, keys):
+    """``(keys, values)`` of the tabulated metrics; ``keys=None``: the evaluator's first."""
+    keys = keys or [next(iter(metrics))]
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        fail(f'metric {missing[0]!r} not in {sorted(metrics)}')
+    return keys, [float(metrics[k]) * (100 if k.startswith('coco/') else 1) for k in keys]
+
+
+def cell(values) -> str:
+    return ' / '.join(f'{v:.2f}' for v in values)
 
 
 def main(argv=None):
@@ -150,14 +157,14 @@ def main(argv=None):
     example = batches[0]
 
     results = []
-    metric_key = args.metric
+    metric_key = args.metric.split(',') if args.metric else None
     if not args.no_float:
         t0 = time.perf_counter()
         metrics = evaluate(float_model, loader, evaluator)
         metric_key, value = pick(metrics, metric_key)
-        results.append(dict(bits='fp', column='float', value=value, metrics=metrics,
+        results.append(dict(bits='fp', column='float', value=value[0], values=value, metrics=metrics,
                             eval_seconds=time.perf_counter() - t0))
-        logger.info(f'float: {metric_key} = {value:.2f}')
+        logger.info(f'float: {",".join(metric_key)} = {cell(value)}')
     for bits in settings:
         for label, method, options, per_channel in columns:
             model = copy.deepcopy(float_model)
@@ -172,9 +179,9 @@ def main(argv=None):
             metrics = evaluate(model, loader, evaluator)
             metric_key, value = pick(metrics, metric_key)
             results.append(dict(bits=bits, column=label, method=method, options=options,
-                                per_channel=per_channel, value=value, metrics=metrics,
+                                per_channel=per_channel, value=value[0], values=value, metrics=metrics,
                                 calib_seconds=calib, eval_seconds=time.perf_counter() - t0))
-            logger.info(f'{bits} {label}: {metric_key} = {value:.2f} (calibration {calib:.1f} s)')
+            logger.info(f'{bits} {label}: {",".join(metric_key)} = {cell(value)} (calibration {calib:.1f} s)')
             del model
     table = format_table(results, settings, [c[0] for c in columns], metric_key, n_calib)
     print(table)
@@ -182,7 +189,7 @@ def main(argv=None):
         tmp = args.out + '.tmp'
         with open(tmp, 'w') as f:
             json.dump(dict(config=args.config, checkpoint=args.checkpoint, calib_images=n_calib,
-                           metric=metric_key, threads=torch.get_num_threads(), results=results),
+                           metric=','.join(metric_key), threads=torch.get_num_threads(), results=results),
                       f, indent=2, default=float)
         os.replace(tmp, args.out)
     return results
@@ -191,17 +198,17 @@ def main(argv=None):
 def format_table(results, settings, labels, metric_key, n_calib) -> str:
     """Markdown: one row per bit setting, one column per method; calibration seconds in brackets."""
     by = {(r['bits'], r['column']): r for r in results}
-    lines = [f'{metric_key}; calibration seconds in brackets ({n_calib} calibration images, '
+    lines = [f'{" / ".join(metric_key)}; calibration seconds in brackets ({n_calib} calibration images, '
              f'{torch.get_num_threads()} threads)', '',
              '| bits | ' + ' | '.join(labels) + ' |', '|---' * (len(labels) + 1) + '|']
     fp = by.get(('fp', 'float'))
     if fp:
-        lines.append('| FP | ' + ' | '.join(f'{fp["value"]:.2f}' for _ in labels) + ' |')
+        lines.append('| FP | ' + ' | '.join(cell(fp['values']) for _ in labels) + ' |')
     for bits in settings:
         row = []
         for label in labels:
             r = by[(bits, label)]
-            row.append(f'{r["value"]:.2f} ({r["calib_seconds"]:.0f} s)')
+            row.append(f'{cell(r["values"])} ({r["calib_seconds"]:.0f} s)')
         lines.append(f'| {bits.upper()} | ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
