@@ -165,12 +165,16 @@ def main(argv=None):
         results.append(dict(bits='fp', column='float', value=value[0], values=value, metrics=metrics,
                             eval_seconds=time.perf_counter() - t0))
         logger.info(f'float: {",".join(metric_key)} = {cell(value)}')
+    logged_layers = False
     for bits in settings:
         for label, method, options, per_channel in columns:
             model = copy.deepcopy(float_model)
             qconfig = dict(default=dict(w_per_channel=per_channel))
             ptq = build_ptq(method, qconfig, bits, **options)
-            convert(model, ptq.qconfig, example_forward=lambda: tensor_forward(model, example))
+            report = convert(model, ptq.qconfig, example_forward=lambda: tensor_forward(model, example))
+            if not logged_layers:     # which layers are quantized, which stay float and why
+                logger.info(report.format())
+                logged_layers = True
             t0 = time.perf_counter()
             with forward_logs(logger):
                 ptq.calibrate(model, batches, forward_fn=tensor_forward)

@@ -16,3 +16,6 @@ default_hooks = dict(
     logger=dict(interval=50),
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
 randomness = dict(seed=0)
+# boxes only: no segm AP
+val_evaluator = dict(metric='bbox')
+test_evaluator = val_evaluator

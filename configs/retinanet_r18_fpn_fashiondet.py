@@ -14,7 +14,13 @@ model = dict(
     backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=channels),
     bbox_head=dict(num_classes=10, in_channels=channels, feat_channels=channels))
+# lr 0.01 (the stock RetinaNet value): at the schedule's 0.02 the from-scratch classifier collapsed
+# in epoch 2 (loss_cls stuck at 0.62; bbox mAP 0.001 after 6 epochs, measured here)
+optim_wrapper = dict(optimizer=dict(lr=0.01))
 default_hooks = dict(
     logger=dict(interval=50),
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
 randomness = dict(seed=0)
+# boxes only: no segm AP
+val_evaluator = dict(metric='bbox')
+test_evaluator = val_evaluator
