@@ -1,12 +1,6 @@
 # Stock mmdet Mask R-CNN (ResNet-18 + FPN, the mask-rcnn_r50_fpn.py architecture with depth 18)
 # trained from scratch on the local fashion_det set (tools/make_detection_set.py) on the CPU.
-_base_ = [
-    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
-    './_base_/datasets/fashion_det.py',
-    './_base_/schedules/fashion_det_cpu.py',
-    'mmdet::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
+_base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py', './_base_/fashion_det_cpu.py']
 
 channels = 128   # FPN / head width (256 in the COCO recipe); the heads dominate the cost here
 model = dict(
@@ -32,7 +26,3 @@ model = dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
         rcnn=dict(sampler=dict(num=128))),
     test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=300)))
-default_hooks = dict(
-    logger=dict(interval=50),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True))
-randomness = dict(seed=0)
