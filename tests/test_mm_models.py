@@ -1,5 +1,7 @@
 """Stock mmpretrain / mmdet models (random init, built from their own configs) convert fully and
 still predict on the CPU, in every mode."""
+import os.path as osp
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from mmquant.convert import quant_layers
 from mmquant.engine import tensor_forward
 from mmengine.registry import MODELS
 
-from conftest import write_config
+from conftest import ROOT, write_config
 
 CLASSIFIERS = {
     'resnet18': 'mmpretrain::_base_/models/resnet18.py',
@@ -24,6 +26,9 @@ DETECTORS = {
     'retinanet_r18': 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py',
     'fcos_r50': 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
     'mask_rcnn_r50': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    # our recipes on the local detection set (BlendMask is mmquant's own model)
+    **{f'{n}_fashiondet': osp.join(ROOT, 'configs', f'{n}_r18_fpn_fashiondet.py')
+       for n in ('retinanet', 'fcos', 'mask-rcnn', 'blendmask')},
 }
 
 
@@ -91,9 +96,11 @@ def test_detector_fully_swapped_and_predicts(tmp_path, name):
     assert report.first_layers == ['backbone.conv1']
     names = {r.name for r in report.quantized}
     assert any(n.startswith('neck.') for n in names) and any('head' in n for n in names)
-    if name == 'mask_rcnn_r50':
+    if name.startswith('mask'):
         assert {'roi_head.bbox_head.fc_cls', 'roi_head.mask_head.conv_logits'} <= set(report.last_layers)
         assert any(n.startswith('roi_head.bbox_head.shared_fcs') for n in names)
+    elif name.startswith('blendmask'):   # the mask branch ends in the bases and the attentions
+        assert {'bbox_head.bottom.conv_bases', 'bbox_head.top_layer'} <= set(report.last_layers)
     else:
         assert all('_cls' in n or '_reg' in n or 'centerness' in n for n in report.last_layers)
     calibrate(model, [batch], forward_fn=tensor_forward)
