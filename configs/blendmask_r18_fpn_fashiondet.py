@@ -19,3 +19,6 @@ model = dict(
         max_masks_per_img=64,     # positive locations per image that get a mask loss
         loss_mask_weight=1.0),
     test_cfg=dict(mask_thr_binary=0.5))
+# boxes and masks (the FCOS recipe scores boxes only)
+val_evaluator = dict(metric=['bbox', 'segm'])
+test_evaluator = val_evaluator
