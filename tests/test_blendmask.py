@@ -149,3 +149,11 @@ def test_blendmask_fully_swapped_and_predicts():
     with torch.no_grad():
         pred = model.test_step(batch)[0].pred_instances
     assert len(pred) > 0 and pred.masks.shape[1:] == (64, 64)
+
+
+def test_recipes_score_masks_only_where_the_model_predicts_them():
+    root = osp.dirname(CONFIG)
+    assert Config.fromfile(CONFIG).test_evaluator.metric == ['bbox', 'segm']
+    assert Config.fromfile(osp.join(root, 'mask-rcnn_r18_fpn_fashiondet.py')).test_evaluator.metric == ['bbox', 'segm']
+    for name in ('fcos', 'retinanet'):
+        assert Config.fromfile(osp.join(root, f'{name}_r18_fpn_fashiondet.py')).test_evaluator.metric == 'bbox'
