@@ -298,7 +298,7 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
     w, x, y = as_groups(w, x, y)
     prob = response_problem(w, x, y)
     a0, v0 = rtn_init(w, bits, per_channel)
-    f_rtn, rg0 = objective(prob, a0, v0, return_rg=True)
+    f_rtn = objective(prob, a0, v0)
     a1, v1 = fit_weight_only(w, bits, per_channel, weight_iters, a0, v0)
     f1, rg1 = objective(prob, a1, v1, return_rg=True)
     best_a, best_v, best_f, _ = _keep_best(a0, v0, f_rtn, a1, v1, f1, per_channel)
