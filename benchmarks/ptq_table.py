@@ -3,7 +3,10 @@
 The float model, the calibration images and the test set are loaded once; every cell quantizes a
 fresh copy of the float model, calibrates it on the same images and evaluates it with the
 config's evaluator. Prints a Markdown table (rows: bit settings, columns: method and weight
-granularity) and, with ``--out``, writes every cell with its calibration time as JSON.
+granularity) and, with ``--out``, writes every cell with its calibration time as JSON. For
+classifiers it also prints each method against the baseline method (``--baseline``, default minmax)
+on the same images: the accuracy difference, the images only one of them gets right, and the exact
+McNemar p-value (benchmarks/paired.py), so a gap of a few images is not read as a result.
 
     python benchmarks/ptq_table.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/epoch_8.pth \\
         --methods minmax,bitsplit --granularity channel,layer --bits w8a8,w6,w5,w4,w3,w4a8,w4a4,w3a8
@@ -35,6 +38,9 @@ from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, for
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from paired import compare  # noqa: E402
+
 GRANULARITY = {'channel': True, 'layer': False}
 
 
@@ -58,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     p.add_argument('--out', help='write all cells to this JSON file')
     p.add_argument('--no-float', action='store_true', help='skip the float row')
+    p.add_argument('--baseline', default='minmax',
+                   help='method the others are compared with image by image (classifiers; default minmax)')
     return p.parse_args(argv)
 
 
@@ -83,6 +91,7 @@ def method_options(items) -> dict:
 def cells(args):
     """(column label, method, options, per_channel) for every column of the table."""
     methods = [check_method(m) for m in args.methods.split(',')]
+    check_method(args.baseline)
     grans = args.granularity.split(',')
     bad = [g for g in grans if g not in GRANULARITY]
     if bad:
@@ -107,11 +116,37 @@ def cells(args):
 
 
 def evaluate(model, loader, evaluator):
+    """``(metrics, correct)``; ``correct`` lists per test image whether the top-1 class is right
+    (``None`` for models that do not predict labels, e.g. detectors)."""
     model.eval()
+    correct = []
     with torch.no_grad():
         for data in loader:
-            evaluator.process(data_samples=model.test_step(data), data_batch=data)
-    return evaluator.evaluate(len(loader.dataset))
+            samples = model.test_step(data)
+            for s in samples:
+                if correct is not None and 'pred_label' in s and 'gt_label' in s:
+                    correct.append(int(s.pred_label[0]) == int(s.gt_label[0]))
+                else:
+                    correct = None
+            evaluator.process(data_samples=samples, data_batch=data)
+    return evaluator.evaluate(len(loader.dataset)), correct
+
+
+def paired_rows(results, settings, columns, baseline):
+    """Compare every column with the baseline method's column of the same granularity (and sweep
+    value), image by image; adds ``paired`` to those results. Returns the compared label pairs."""
+    by = {(r['bits'], r['column']): r for r in results}
+    pairs = []
+    for label, method, _, _ in columns:
+        ref = label.replace(method, baseline, 1)
+        if method != baseline and ref in {c[0] for c in columns}:
+            pairs.append((ref, label))
+    for bits in settings:
+        for ref, label in pairs:
+            a, b = by[(bits, ref)], by[(bits, label)]
+            if a.get('correct') is not None and b.get('correct') is not None:
+                b['paired'] = dict(baseline=ref, **compare(a['correct'], b['correct']))
+    return pairs
 
 
 def pick(metrics: dict, keys):
@@ -160,7 +195,7 @@ def main(argv=None):
     metric_key = args.metric.split(',') if args.metric else None
     if not args.no_float:
         t0 = time.perf_counter()
-        metrics = evaluate(float_model, loader, evaluator)
+        metrics, _ = evaluate(float_model, loader, evaluator)
         metric_key, value = pick(metrics, metric_key)
         results.append(dict(bits='fp', column='float', value=value[0], values=value, metrics=metrics,
                             eval_seconds=time.perf_counter() - t0))
@@ -180,15 +215,22 @@ def main(argv=None):
                 ptq.calibrate(model, batches, forward_fn=tensor_forward)
             calib = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics = evaluate(model, loader, evaluator)
+            metrics, correct = evaluate(model, loader, evaluator)
             metric_key, value = pick(metrics, metric_key)
             results.append(dict(bits=bits, column=label, method=method, options=options,
                                 per_channel=per_channel, value=value[0], values=value, metrics=metrics,
-                                calib_seconds=calib, eval_seconds=time.perf_counter() - t0))
+                                calib_seconds=calib, eval_seconds=time.perf_counter() - t0,
+                                correct=correct))
             logger.info(f'{bits} {label}: {",".join(metric_key)} = {cell(value)} (calibration {calib:.1f} s)')
             del model
     table = format_table(results, settings, [c[0] for c in columns], metric_key, n_calib)
     print(table)
+    pairs = paired_rows(results, settings, columns, args.baseline)
+    paired = format_paired(results, settings, pairs)
+    if paired:
+        print('\n' + paired)
+    for r in results:                 # per-image results: used above, too long for the JSON
+        r.pop('correct', None)
     if args.out:
         tmp = args.out + '.tmp'
         with open(tmp, 'w') as f:
@@ -213,6 +255,27 @@ def format_table(results, settings, labels, metric_key, n_calib) -> str:
         for label in labels:
             r = by[(bits, label)]
             row.append(f'{cell(r["values"])} ({r["calib_seconds"]:.0f} s)')
+        lines.append(f'| {bits.upper()} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def format_paired(results, settings, pairs) -> str:
+    """Markdown: per bit setting, each method minus its baseline in top-1 points, the images only
+    the baseline / only the method gets right, and the exact McNemar p-value."""
+    by = {(r['bits'], r['column']): r for r in results}
+    pairs = [(ref, label) for ref, label in pairs
+             if all('paired' in by[(bits, label)] for bits in settings)]
+    if not pairs:
+        return ''
+    lines = ['paired on the same test images: difference in points (images only the baseline gets right / '
+             'only the method gets right, exact McNemar p)', '',
+             '| bits | ' + ' | '.join(f'{label} - {ref}' for ref, label in pairs) + ' |',
+             '|---' * (len(pairs) + 1) + '|']
+    for bits in settings:
+        row = []
+        for ref, label in pairs:
+            q = by[(bits, label)]['paired']
+            row.append(f'{q["diff"]:+.2f} ({q["b"]}/{q["c"]}, p={q["p"]:.2g})')
         lines.append(f'| {bits.upper()} | ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 

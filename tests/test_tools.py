@@ -179,6 +179,11 @@ def test_ptq_table_benchmark_runs_every_cell_and_writes_json(float_run):
     assert result['metric'] == 'accuracy/top1' and result['calib_images'] == 64
     assert all(0 <= r['value'] <= 100 for r in result['results'])
     assert '| W4 |' in proc.stdout and '| percentile (layer) |' in proc.stdout
+    # image-by-image comparison with the baseline method, same granularity
+    assert '| percentile (channel) - minmax (channel) | percentile (layer) - minmax (layer) |' in proc.stdout
+    assert 'correct' not in result['results'][1]
+    paired = [r['paired'] for r in result['results'] if r.get('method') == 'percentile']
+    assert len(paired) == 4 and all(0 <= q['p'] <= 1 and q['b'] >= 0 and q['c'] >= 0 for q in paired)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -187,6 +192,7 @@ def test_ptq_table_benchmark_runs_every_cell_and_writes_json(float_run):
     (['--options', 'num_samples=4'], "error: --options 'num_samples=4': expected METHOD.OPTION=VALUE"),
     (['--options', 'bitsplit.nosuch=4'], "error: unknown options ['nosuch'] for method 'bitsplit'"),
     (['--bits', 'w1'], "error: weight bits in 'w1'=1 is out of range"),
+    (['--baseline', 'nosuch'], "error: unknown quantization method 'nosuch'"),
 ])
 def test_ptq_table_errors_are_one_line(args, message):
     proc = run_tool('benchmarks/ptq_table.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
