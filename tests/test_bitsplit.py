@@ -11,6 +11,7 @@ from mmquant import quantize
 from mmquant.convert import quant_layers
 from mmquant.ptq import BitSplitPTQ, build_ptq
 from mmquant.ptq.bitsplit import BitSplitRecord, gather_patches, recalibrate_bn, weight_groups
+from mmquant.ptq import bitsplit_solver
 from mmquant.ptq.bitsplit_solver import (als_activation_scale, closed_form_alpha, fit_layer, fit_weight_only,
                                          objective, qmax_of, response_problem, rtn_init, split_planes,
                                          stitch_planes, update_plane_response, round_to_grid,
@@ -131,8 +132,11 @@ def _naive_sweep(w, x, y, alpha, planes, m):
     return planes
 
 
+@pytest.mark.parametrize('compiled', [False, True])
 @pytest.mark.parametrize('target', [False, True])
-def test_vectorised_sweep_equals_naive_per_channel_loop(target):
+def test_vectorised_sweep_equals_naive_per_channel_loop(target, compiled, monkeypatch):
+    if not compiled:                      # the Python reference loop instead of the C++ one
+        monkeypatch.setattr(bitsplit_solver, '_sweep_ext', None)
     w, x, y = _problem(g=2, c=3, d=5, n=20, seed=4, target=target)
     prob = response_problem(w, x, y)
     alpha, v = rtn_init(w, 3, True)
@@ -142,6 +146,34 @@ def test_vectorised_sweep_equals_naive_per_channel_loop(target):
         ref = _naive_sweep(w, x, y, alpha, planes, m)
         update_plane_response(prob, alpha, planes, m, block_size=2)
         assert torch.equal(planes, ref)
+
+
+def test_compiled_sweep_is_built():
+    # scripts/install.sh builds it (pip install -e .); without it the solver falls back to the
+    # Python loop, same results, several times slower on small layers
+    assert bitsplit_solver._sweep_ext is not None, 'mmquant/ptq/_bitsplit_sweep is not built'
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_compiled_block_sweep_equals_python_loop(dtype):
+    gen = torch.Generator().manual_seed(7)
+    g, B, C = 3, 17, 9
+    x = torch.randn(g, B, 40, generator=gen, dtype=D64)
+    gb = torch.bmm(x, x.transpose(1, 2)).to(dtype)
+    step_t = (0.05 + torch.rand(g, 1, C, generator=gen, dtype=D64)).to(dtype)
+    ib = (1.0 / (step_t.transpose(1, 2) * torch.diagonal(gb, dim1=1, dim2=2).unsqueeze(1))).transpose(1, 2)
+    ib = ib.contiguous()
+    ib[:, 3] = 0                                                   # a dead column
+    hb = (3 * torch.randn(g, B, C, generator=gen, dtype=D64)).to(dtype)
+    pb = torch.randint(-1, 2, (g, B, C), generator=gen).to(dtype)
+    out = {}
+    for compiled in (False, True):
+        h, p = hb.clone(), pb.clone()
+        bitsplit_solver.sweep_block(h, p, ib, gb, step_t, compiled=compiled)
+        out[compiled] = (h, p)
+    assert torch.equal(out[True][1], out[False][1])
+    assert not torch.equal(out[True][1], pb)                       # the sweep changed something
+    torch.testing.assert_close(out[True][0], out[False][0])
 
 
 @pytest.mark.parametrize('bits', [2, 3, 4])

@@ -295,7 +295,7 @@ class BitSplitPTQ(PTQMethod):
 
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, num_samples: int = 4096, iters: int = 4,
                  error_compensation: bool = False, bn_recalibration: bool = False, seed: int = 0,
-                 act_samples: int = 1 << 18, block_size: int = 64):
+                 act_samples: int = 1 << 18, block_size: int = 128):
         super().__init__(qconfig, bits)
         if num_samples < 1 or iters < 0 or act_samples < 1 or block_size < 1:
             raise ValueError('bitsplit: num_samples, act_samples, block_size must be >= 1 and iters >= 0')

@@ -24,6 +24,11 @@ from typing import List, Optional
 
 import torch
 
+try:   # the compiled inner loop of the coordinate sweep (setup.py builds it; same result, faster)
+    from . import _bitsplit_sweep as _sweep_ext
+except ImportError:                                    # pragma: no cover - depends on the install
+    _sweep_ext = None
+
 _TINY = 1e-12
 
 
@@ -204,10 +209,13 @@ def response_problem(w: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor]
     return ResponseProblem(gram, w, wg, b, d, ee, yy)
 
 
-def objective(prob: ResponseProblem, alpha: torch.Tensor, v: torch.Tensor, return_rg: bool = False):
-    """Per-channel ``||y_c - alpha_c x^T v_c||^2`` (``[g, C]``), and optionally ``r G``."""
+def objective(prob: ResponseProblem, alpha: torch.Tensor, v: torch.Tensor, return_rg: bool = False,
+              rg: Optional[torch.Tensor] = None):
+    """Per-channel ``||y_c - alpha_c x^T v_c||^2`` (``[g, C]``), and optionally ``r G`` (pass ``rg``
+    when it is known, e.g. from the sweeps' :func:`gradient_terms`)."""
     r = alpha * v - prob.w
-    rg = torch.bmm(r, prob.gram)
+    if rg is None:
+        rg = torch.bmm(r, prob.gram)
     f = prob.ee + (r * rg).sum(-1)
     if prob.d is not None:
         f = f - 2 * (r * prob.d).sum(-1)
@@ -215,51 +223,87 @@ def objective(prob: ResponseProblem, alpha: torch.Tensor, v: torch.Tensor, retur
     return (f, rg) if return_rg else f
 
 
+def gradient_terms(prob: ResponseProblem, alpha: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """``h = G r^T - d^T`` (``[g, D, C]``) for the residual ``r = alpha v - w`` of the planes: row ``i``
+    holds, for every output channel, the linear term of the objective in input ``i``."""
+    r = alpha * stitch_planes(planes) - prob.w
+    h = torch.bmm(prob.gram, r.transpose(1, 2))
+    if prob.d is not None:
+        h -= prob.d.transpose(1, 2)
+    return h
+
+
 def update_plane_response(prob: ResponseProblem, alpha: torch.Tensor, planes: torch.Tensor, m: int,
-                          block_size: int = 64) -> torch.Tensor:
+                          block_size: int = 128, h: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One coordinate-descent sweep over the input columns of plane ``m`` (0-based), in place.
 
     With everything else fixed, the objective as a function of ``q_{c,i}`` (plane ``m``, output
     channel ``c``, input ``i``) is the convex quadratic
     ``2 alpha t ((G r_c)_i - d_{c,i}) + alpha^2 t^2 G_ii`` of the step ``t = 2^m (q - q_old)``;
     its minimum over ``{-1, 0, 1}`` is its real minimiser rounded and clipped. Each column is
-    solved for all channels of all groups at once (tensor ops over ``[g, C]``). ``G r`` is kept
-    lazily: recomputed by one matrix product per block of ``block_size`` columns from the current
-    residual, and within the block updated by the rank-1 terms of the columns already changed.
+    solved for all channels of all groups at once (over ``[g, C]``), the columns one after
+    another in blocks of ``block_size`` (:func:`sweep_block`: inside a block the later columns
+    see each change). The linear terms ``h`` (:func:`gradient_terms`) are kept current: after a
+    block, the columns that changed update all rows by one product ``G[:, changed] dr[changed]``,
+    so once the fit settles and few values move, a sweep costs little more than its loop.
+    Pass ``h`` to reuse (and update in place) the terms of the current planes across sweeps.
     The objective never increases (up to rounding).
     """
-    gram, d = prob.gram, prob.d
+    gram = prob.gram
+    if h is None:
+        h = gradient_terms(prob, alpha, planes)
     step = alpha * 2.0 ** m                                       # [g, C, 1]: change of r per unit q
     diag = torch.diagonal(gram, dim1=1, dim2=2).unsqueeze(1)      # [g, 1, D]
     live = diag > _TINY * diag.abs().amax().clamp(min=_TINY)
     inv = torch.where(live, 1.0 / (step * torch.where(live, diag, torch.ones_like(diag))),
                       torch.zeros((), dtype=diag.dtype, device=diag.device))   # [g, C, D]
-    r = alpha * stitch_planes(planes) - prob.w                    # current residual [g, C, D]
-    step_t = step.transpose(1, 2)                                 # [g, 1, C]
+    step_t = step.transpose(1, 2).contiguous()                    # [g, 1, C]
     D = gram.shape[-1]
     for j0 in range(0, D, block_size):
         j1 = min(j0 + block_size, D)
         # block columns laid out [g, B, C] so that one input column is one contiguous slice
-        hb = torch.bmm(gram[:, j0:j1, :], r.transpose(1, 2))      # (G r^T)[block] = (r G)[:, :, block]^T
-        if d is not None:
-            hb -= d[:, :, j0:j1].transpose(1, 2)
+        hb = h[:, j0:j1].clone()
         old = planes[m, :, :, j0:j1].transpose(1, 2).contiguous()
         pb = old.clone()
         ib = inv[:, :, j0:j1].transpose(1, 2).contiguous()
-        gb = gram[:, j0:j1, j0:j1]
-        hbs, pbs, ibs = hb.unbind(1), pb.unbind(1), ib.unbind(1)
-        for k in range(j1 - j0):
-            q = pbs[k]
-            dq = torch.addcmul(q, hbs[k], ibs[k], value=-1).round_().clamp_(-1, 1).sub_(q)
-            # the columns still to visit in this block see the change (most columns keep their
-            # value once the fit settles: skipping them halves the work of the later rounds)
-            if bool(dq.any()):
-                q.add_(dq)
-                if k + 1 < j1 - j0:
-                    hb[:, k + 1:].baddbmm_(gb[:, k + 1:, k:k + 1], dq.unsqueeze(1).mul_(step_t))
-        planes[m, :, :, j0:j1] = pb.transpose(1, 2)
-        r[:, :, j0:j1] += (pb - old).transpose(1, 2) * step
+        sweep_block(hb, pb, ib, gram[:, j0:j1, j0:j1], step_t)
+        dq = pb - old
+        changed = dq.ne(0).any(2).any(0).nonzero().flatten()     # block columns with a new value
+        if changed.numel():
+            planes[m, :, :, j0:j1] = pb.transpose(1, 2)
+            h.baddbmm_(gram[:, :, j0 + changed], dq[:, changed] * step_t)
     return planes
+
+
+def sweep_block(hb: torch.Tensor, pb: torch.Tensor, ib: torch.Tensor, gb: torch.Tensor,
+                step_t: torch.Tensor, compiled: Optional[bool] = None) -> None:
+    """Solve the columns of one block in order, in place: ``pb [g, B, C]`` the plane's values,
+    ``hb [g, B, C]`` their gradient terms, ``ib [g, B, C]`` ``1 / (step G_ii)``, ``gb [g, B, B]``
+    the block of the Gram matrix, ``step_t [g, 1, C]`` ``alpha 2^m``. Column ``k`` becomes
+    ``clip(round(q - h inv), -1, 1)`` and the later columns' ``h`` take its change.
+
+    ``compiled=None`` uses the C++ loop (mmquant/ptq/csrc) when it is built and the tensors are on
+    the CPU, else this Python loop, which is its reference (one tensor op per column: on small
+    layers its time is the per-op overhead, hence the C++ version)."""
+    if compiled is None:
+        compiled = _sweep_ext is not None and hb.device.type == 'cpu'
+    if compiled:
+        if _sweep_ext is None:
+            raise RuntimeError('the compiled BitSplit sweep is not built; '
+                               'run `pip install --no-build-isolation -e .` in the mmquant checkout')
+        _sweep_ext.sweep_block(hb, pb, ib, gb.contiguous(), step_t.reshape(step_t.shape[0], -1).contiguous())
+        return
+    hbs, pbs, ibs = hb.unbind(1), pb.unbind(1), ib.unbind(1)
+    n = hb.shape[1]
+    for k in range(n):
+        q = pbs[k]
+        dq = torch.addcmul(q, hbs[k], ibs[k], value=-1).round_().clamp_(-1, 1).sub_(q)
+        # the columns still to visit in this block see the change (most columns keep their
+        # value once the fit settles: skipping them halves the work of the later rounds)
+        if bool(dq.any()):
+            q.add_(dq)
+            if k + 1 < n:
+                hb[:, k + 1:].baddbmm_(gb[:, k + 1:, k:k + 1], dq.unsqueeze(1).mul_(step_t))
 
 
 @dataclass
@@ -283,7 +327,7 @@ def _rel(f: torch.Tensor, yy: torch.Tensor) -> float:
 
 
 def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = True, iters: int = 4,
-              y: Optional[torch.Tensor] = None, weight_iters: int = 50, block_size: int = 64,
+              y: Optional[torch.Tensor] = None, weight_iters: int = 50, block_size: int = 128,
               tol: float = 1e-4) -> FitResult:
     """BitSplit for one layer: ``w [g, C, D]`` (or ``[C, D]``), inputs ``x [g, D, N]`` (or
     ``[D, N]``), target ``y`` (default ``w x``).
@@ -312,10 +356,12 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
         vg = (rg + prob.wg) / alpha
         alpha = closed_form_alpha(v, prob.b, vg, per_channel, fallback=alpha)
         alpha, planes = make_positive(alpha, planes)
+        h = gradient_terms(prob, alpha, planes)          # one D x D product per round
         for m in reversed(range(planes.shape[0])):
-            update_plane_response(prob, alpha, planes, m, block_size)
+            update_plane_response(prob, alpha, planes, m, block_size, h=h)
         v = stitch_planes(planes)
-        f, rg = objective(prob, alpha, v, return_rg=True)
+        rg = h.transpose(1, 2) if prob.d is None else h.transpose(1, 2) + prob.d   # r G, kept current
+        f = objective(prob, alpha, v, rg=rg)
         best_a, best_v, best_f, _ = _keep_best(best_a, best_v, best_f, alpha, v, f, per_channel)
         cur = float(f.sum())
         history.append(cur)
