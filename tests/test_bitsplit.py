@@ -10,7 +10,7 @@ from torch import nn
 from mmquant import quantize
 from mmquant.convert import quant_layers
 from mmquant.ptq import BitSplitPTQ, build_ptq
-from mmquant.ptq.bitsplit import BitSplitRecord, gather_patches, recalibrate_bn, weight_groups
+from mmquant.ptq.bitsplit import BitSplitRecord, gather_patches, inputs_per_output, num_positions, recalibrate_bn, weight_groups
 from mmquant.ptq import bitsplit_solver
 from mmquant.ptq.bitsplit_solver import (als_activation_scale, closed_form_alpha, fit_layer, fit_weight_only,
                                          objective, qmax_of, response_problem, rtn_init, split_planes,
@@ -236,6 +236,21 @@ def test_gather_patches_equals_unfold():
         assert torch.equal(gather_patches(conv, x, idx), ref[idx])
 
 
+@pytest.mark.parametrize('kw', [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+                                dict(kernel_size=3, stride=1, padding=2, dilation=2), dict(kernel_size=(3, 2), stride=(2, 3))])
+def test_transposed_conv_patches_give_its_output(kw):
+    # a transposed conv as a conv over the zero-stuffed input: weight rows @ patch = output pixel
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 5, bias=False, **kw)
+    x = torch.randn(2, 4, 6, 5)
+    y = layer(x)                                                  # [N, C_out, Ho, Wo]
+    n_pos = num_positions(layer, x)
+    assert n_pos == y.shape[0] * y.shape[2] * y.shape[3]
+    idx = torch.arange(n_pos)
+    out = gather_patches(layer, x, idx) @ weight_groups(layer)[0].T   # [positions, C_out]
+    torch.testing.assert_close(out, y.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-5, rtol=1e-5)
+
+
 class _Mixed(nn.Module):
     """A grouped conv, a depthwise conv (strided), a transposed conv and a linear layer."""
 
@@ -301,6 +316,26 @@ def test_calibrate_returns_records_and_logs(caplog):
     assert 'block.0 w3 a8' in caplog.text
     aq = model.block[2].input_quantizer
     assert bool(aq.calibrated) and not bool(aq.signed) and aq.zero_point.item() == 0
+
+
+def test_layers_wider_than_max_inputs_get_the_weight_fit(caplog):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    widths = {n: inputs_per_output(m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+    limit = sorted(widths.values())[len(widths) // 2]
+    ptq = BitSplitPTQ(bits='w3a8', num_samples=256, iters=1, max_inputs=limit)
+    ptq.convert(model, lambda: model(_calib(1)[0]))
+    with caplog.at_level(logging.INFO, logger='mmquant'):
+        records = ptq.calibrate(model, _calib(2))
+    fits = {r.name: r.fit for r in records}
+    wide = sorted(n for n in fits if widths[n] > limit and n != 'up')
+    assert wide and all(fits[n] == 'weight' for n in wide)
+    assert all(fits[n] == 'output' for n in fits if widths[n] <= limit and n != 'up')
+    assert f'fitted on their weights only (grouped transposed conv, or more than max_inputs={limit}' in caplog.text
+    for n in wide:      # their input quantizers are still calibrated on the activations
+        aq = dict(model.named_modules())[n].input_quantizer
+        assert aq is None or bool(aq.calibrated)
 
 
 def _out_error(model, x, ref):

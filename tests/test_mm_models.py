@@ -110,3 +110,28 @@ def test_detector_fully_swapped_and_predicts(tmp_path, name):
     assert len(preds) == 1 and 'bboxes' in preds[0].pred_instances
     assert all(torch.isfinite(v).all() for k, v in losses.items() if 'loss' in k and torch.is_tensor(v))
     assert len(quant_layers(model)) == len(report.quantized)
+
+
+@pytest.mark.parametrize('name', ['resnet50', 'mask-rcnn_fashiondet'])
+def test_bitsplit_fits_every_layer_of_stock_models(tmp_path, name):
+    """BitSplit on stock mmpretrain / mmdet models: every quantized layer (bottleneck 1x1s, Mask
+    R-CNN's RPN, box and mask heads, its transposed-conv upsampler included) is fitted on its own
+    outputs, never worse than round-to-nearest."""
+    from mmquant.ptq import BitSplitPTQ
+    if name in CLASSIFIERS:
+        model, batch = build(tmp_path, CLASSIFIERS[name], 'mmpretrain'), cls_batch(size=64)
+    else:
+        model, batch = build(tmp_path, DETECTORS[name], 'mmdet'), det_batch()
+    ptq = BitSplitPTQ(bits='w3a8', num_samples=256, iters=1)
+    report = ptq.convert(model, lambda: tensor_forward(model, batch))
+    records = ptq.calibrate(model, [batch], forward_fn=tensor_forward)
+    fits = {r.name: r.fit for r in records}
+    assert set(fits) == {r.name for r in report.quantized}
+    assert all(r.err_bitsplit <= r.err_rtn + 1e-6 for r in records)
+    if name == 'resnet50':
+        assert set(fits.values()) == {'output'}
+    else:
+        assert {fits[n] for n in ('rpn_head.rpn_conv', 'roi_head.bbox_head.shared_fcs.0',
+                                  'roi_head.mask_head.convs.0.conv', 'roi_head.mask_head.upsample')} == {'output'}
+    with torch.no_grad():
+        assert len(model.test_step(batch)) == len(batch['inputs'])

@@ -98,26 +98,50 @@ def write_back(layer: nn.Module, alpha: torch.Tensor, ints: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- im2col on samples
-def _conv_geometry(layer: nn.Conv2d, x: torch.Tensor):
-    pad = layer._reversed_padding_repeated_twice   # [left, right, top, bottom], also for 'same'
-    kh, kw = layer.kernel_size
+# A transposed conv is a stride-1 conv over its zero-stuffed input (``stride - 1`` zeros between
+# pixels, padded by ``dilation * (k - 1) - padding``, plus ``output_padding`` at the end) with the
+# kernel flipped; its patches are taken there and flipped back, so that they pair with the
+# unflipped rows of :func:`weight_groups`. Only ``groups == 1`` (mmdet's mask upsamplers).
+def _is_conv(layer) -> bool:
+    return isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
+
+
+def _stuffed(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
     sh, sw = layer.stride
+    n, c, h, w = x.shape
+    xs = x.new_zeros(n, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+    xs[:, :, ::sh, ::sw] = x
+    return xs
+
+
+def _conv_geometry(layer, x: torch.Tensor):
+    """``(pad, ho, wo, stride)`` of the (equivalent) conv: ``pad`` as ``F.pad``'s
+    ``[left, right, top, bottom]`` (negative crops), ``x`` already stuffed for a transposed conv."""
+    kh, kw = layer.kernel_size
     dh, dw = layer.dilation
+    if isinstance(layer, nn.ConvTranspose2d):
+        (ph, pw), (oh, ow) = layer.padding, layer.output_padding
+        pad = [dw * (kw - 1) - pw, dw * (kw - 1) - pw + ow, dh * (kh - 1) - ph, dh * (kh - 1) - ph + oh]
+        sh = sw = 1
+    else:
+        pad = layer._reversed_padding_repeated_twice   # [left, right, top, bottom], also for 'same'
+        sh, sw = layer.stride
     hp, wp = x.shape[-2] + pad[2] + pad[3], x.shape[-1] + pad[0] + pad[1]
     ho = (hp - dh * (kh - 1) - 1) // sh + 1
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
-    return pad, ho, wo
+    return pad, ho, wo, (sh, sw)
 
 
 def _as_batched(layer, x):
-    return x.unsqueeze(0) if isinstance(layer, nn.Conv2d) and x.dim() == 3 else x
+    x = x.unsqueeze(0) if _is_conv(layer) and x.dim() == 3 else x
+    return _stuffed(layer, x) if isinstance(layer, nn.ConvTranspose2d) else x
 
 
 def num_positions(layer: nn.Module, x: torch.Tensor) -> int:
     """Number of im2col columns (output positions) the input ``x`` gives the layer."""
     x = _as_batched(layer, x)
-    if isinstance(layer, nn.Conv2d):
-        _, ho, wo = _conv_geometry(layer, x)
+    if _is_conv(layer):
+        _, ho, wo, _ = _conv_geometry(layer, x)
         return x.shape[0] * ho * wo
     return x.numel() // x.shape[-1]
 
@@ -125,13 +149,14 @@ def num_positions(layer: nn.Module, x: torch.Tensor) -> int:
 def gather_patches(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The im2col columns ``idx`` (flat over batch and output positions) of the layer's input:
     ``[K, C_in * kh * kw]`` in the channel-major order of ``F.unfold`` (which it equals on the
-    selected columns), without unfolding the whole input. Linear layers: the rows ``idx``."""
+    selected columns), without unfolding the whole input. Linear layers: the rows ``idx``.
+    Transposed convs: the patches of the equivalent conv (see above), so that
+    ``weight_groups(layer) @ patch`` is the layer's output at that position."""
     x = _as_batched(layer, x)
-    if not isinstance(layer, nn.Conv2d):
+    if not _is_conv(layer):
         return x.reshape(-1, x.shape[-1])[idx]
-    pad, ho, wo = _conv_geometry(layer, x)
+    pad, ho, wo, (sh, sw) = _conv_geometry(layer, x)
     kh, kw = layer.kernel_size
-    sh, sw = layer.stride
     dh, dw = layer.dilation
     n, rest = idx // (ho * wo), idx % (ho * wo)
     oh, ow = rest // wo, rest % wo
@@ -139,7 +164,17 @@ def gather_patches(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torc
     rows = (oh * sh).unsqueeze(1) + torch.arange(kh, device=x.device) * dh   # [K, kh]
     cols = (ow * sw).unsqueeze(1) + torch.arange(kw, device=x.device) * dw   # [K, kw]
     p = xp[n[:, None, None], :, rows[:, :, None], cols[:, None, :]]          # [K, kh, kw, C]
+    if isinstance(layer, nn.ConvTranspose2d):
+        p = p.flip(1, 2)
     return p.permute(0, 3, 1, 2).reshape(idx.numel(), -1)
+
+
+def inputs_per_output(layer: nn.Module) -> int:
+    """``D``: the inputs each output of the layer sums (the width of :func:`weight_groups`)."""
+    w = layer.weight
+    if isinstance(layer, nn.ConvTranspose2d):
+        return w.shape[0] * w[0, 0].numel()
+    return w[0].numel()
 
 
 def patches_to_groups(layer: nn.Module, patches: torch.Tensor) -> torch.Tensor:
@@ -289,19 +324,24 @@ class BitSplitPTQ(PTQMethod):
             calibration batches at the end.
         seed: seed of the sampling.
         act_samples: activation values sampled per layer for the activation scale.
-        block_size: columns per lazily recomputed block in the plane sweeps (speed only).
+        block_size: columns per block of the plane sweeps (speed only).
+        max_inputs: layers whose outputs sum more inputs than this (``D``, e.g. VGG's 25088-wide
+            first fully connected layer at 224x224) get the weight-only fit: the output fit needs
+            a D x D Gram matrix (2.5 GB at D = 25088) and D sequential column steps per sweep.
     """
     layer_defaults = dict(w_per_channel=True, w_symmetric=True, w_narrow_range=True, a_symmetric=True)
 
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, num_samples: int = 4096, iters: int = 4,
                  error_compensation: bool = False, bn_recalibration: bool = False, seed: int = 0,
-                 act_samples: int = 1 << 18, block_size: int = 128):
+                 act_samples: int = 1 << 18, block_size: int = 128, max_inputs: int = 16384):
         super().__init__(qconfig, bits)
-        if num_samples < 1 or iters < 0 or act_samples < 1 or block_size < 1:
-            raise ValueError('bitsplit: num_samples, act_samples, block_size must be >= 1 and iters >= 0')
+        if num_samples < 1 or iters < 0 or act_samples < 1 or block_size < 1 or max_inputs < 1:
+            raise ValueError('bitsplit: num_samples, act_samples, block_size, max_inputs must be >= 1 '
+                             'and iters >= 0')
         self.num_samples, self.iters, self.seed = int(num_samples), int(iters), int(seed)
         self.error_compensation, self.bn_recalibration = bool(error_compensation), bool(bn_recalibration)
         self.act_samples, self.block_size = int(act_samples), int(block_size)
+        self.max_inputs = int(max_inputs)
         self._check_symmetric(self.qconfig.default.w_symmetric, 'the default layer config')
         for pattern, ov in self.qconfig.overrides.items():
             self._check_symmetric(ov.get('w_symmetric', True), f'override {pattern!r}')
@@ -372,7 +412,7 @@ class BitSplitPTQ(PTQMethod):
             # pass 1, the float network: samples of every layer's input, and the execution order
             samples = {name: _LayerSamples(layer, len(batches), self.num_samples, self.act_samples,
                                            self.seed * 1_000_003 + i,
-                                           want_patches=not isinstance(layer, QConvTranspose2d))
+                                           want_patches=self._fits_output(layer))
                        for i, (name, layer) in enumerate(layers)}
             first_seen: Dict[str, int] = {}
 
@@ -405,6 +445,11 @@ class BitSplitPTQ(PTQMethod):
                             name, rec.w_bits, a, rec.fit, rec.err_rtn, rec.err_bitsplit, rec.seconds)
                 if progress is not None:
                     progress(k + 1, len(layers))
+            wide = [n for n, layer in ordered if n not in unseen and not self._fits_output(layer)]
+            if wide:
+                logger.warning('mmquant bitsplit: %d layers fitted on their weights only (grouped transposed '
+                               'conv, or more than max_inputs=%d inputs per output): %s',
+                               len(wide), self.max_inputs, ', '.join(wide))
             if unseen:
                 logger.warning('mmquant bitsplit: %d layers saw no calibration data (weight-only fit, '
                                'activations stay float): %s', len(unseen), ', '.join(unseen))
@@ -418,6 +463,13 @@ class BitSplitPTQ(PTQMethod):
         return records
 
     # ---------------------------------------------------------------- one layer
+    def _fits_output(self, layer) -> bool:
+        """Output reconstruction needs the layer's patches and a D x D Gram matrix: grouped
+        transposed convs and layers wider than ``max_inputs`` get the weight-only fit."""
+        if isinstance(layer, QConvTranspose2d) and layer.groups != 1:
+            return False
+        return inputs_per_output(layer) <= self.max_inputs
+
     def _quantize_layer(self, model, layers, batches, fwd, name, layer, s: _LayerSamples,
                         done: List[str]) -> BitSplitRecord:
         wq, aq = layer.weight_quantizer, layer.input_quantizer
@@ -439,7 +491,7 @@ class BitSplitPTQ(PTQMethod):
                 aq.zero_point.zero_()
                 aq.signed.fill_(bool(signed))
                 aq.calibrated.fill_(True)
-        if not s.seen or isinstance(layer, QConvTranspose2d):
+        if not s.seen or not self._fits_output(layer):
             a0, v0 = rtn_init(w, bits, per_channel)
             alpha, ints = fit_weight_only(w, bits, per_channel, alpha=a0, v=v0)
             norm = float((w ** 2).sum()) or 1.0
