@@ -1,0 +1,195 @@
+"""Reconstruction of one unit (a residual block or a layer): AdaRound weights, learned activation
+steps, optional QDrop, torch only.
+
+The unit's quantized layers keep their grids (scales from the initial calibration); what is
+learned is each weight's rounding (:class:`AdaRoundWeight`) and, optionally, the step size of
+each activation quantizer inside the unit (LSQ: the gradient of the fake quantizer with respect
+to its step, scaled by ``1 / sqrt(n * qmax)``). The loss is the squared error of the unit's output
+against the float network's output, summed over an output and averaged over the minibatch,
+optionally weighted element-wise (Fisher diagonal), plus ``lam`` times the rounding regulariser
+once the warm-up is over. With ``drop_prob > 0`` (QDrop) each activation element stays float
+with that probability during training. At the end every rounding is made hard and written into
+the layer's weight, so the layer's ordinary fake quantization reproduces it exactly.
+"""
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..quantizers.functional import fake_quantize
+from .adaround import AdaRoundWeight, BetaSchedule
+from .unit_cache import Stream
+
+__all__ = ['ReconConfig', 'ReconResult', 'reconstruct']
+
+
+@dataclass
+class ReconConfig:
+    """Settings of one unit's reconstruction (the paper's defaults)."""
+    iters: int = 20000
+    batch_size: int = 32
+    lam: float = 0.01           # weight of the rounding regulariser
+    warmup: float = 0.2         # fraction of iterations without the regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    lr: float = 1e-3            # Adam on V
+    act_lr: float = 4e-5        # Adam on the activation steps (cosine decay); 0: steps stay fixed
+    drop_prob: float = 0.0      # QDrop
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.iters < 1 or self.batch_size < 1:
+            raise ValueError(f'reconstruction needs iters >= 1 and batch_size >= 1, got {self.iters}, {self.batch_size}')
+        if not 0 <= self.drop_prob < 1:
+            raise ValueError(f'drop_prob must be in [0, 1), got {self.drop_prob}')
+        if self.lam < 0 or self.act_lr < 0 or self.lr <= 0:
+            raise ValueError('lam and act_lr must be >= 0 and lr > 0')
+
+
+@dataclass
+class ReconResult:
+    """Loss of the unit on its whole cache with round-to-nearest (same grids) and after."""
+    loss_rtn: float
+    loss: float
+    iters: int
+    seconds: float
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``g`` in the backward pass."""
+    return (x - x * g).detach() + x * g
+
+
+class _AdaRoundQuant(nn.Module):
+    """Stands in for a layer's weight quantizer: returns the AdaRound weight."""
+
+    def __init__(self, ada: AdaRoundWeight):
+        super().__init__()
+        self.ada = ada
+
+    def forward(self, w):
+        return self.ada()
+
+
+class _LearnedStepQuant(nn.Module):
+    """Stands in for an input quantizer: fake quantization with a learnable step (LSQ gradient)
+    and, while ``drop`` is on, QDrop's random float elements."""
+
+    def __init__(self, quantizer, drop_prob: float, gen: torch.Generator):
+        super().__init__()
+        self.q = [quantizer]                               # not a submodule: its buffers stay its own
+        self.step = nn.Parameter(quantizer.scale.detach().clone())
+        self.drop_prob, self.drop, self.gen = drop_prob, False, gen
+
+    def forward(self, x):
+        q = self.q[0]
+        if not q.enabled or not bool(q.calibrated):
+            return x
+        qmin, qmax = q.qrange()
+        g = 1.0 / math.sqrt(max(1, x[0].numel()) * max(1, qmax))
+        y = fake_quantize(x, _grad_scale(self.step, g), q.zero_point, qmin, qmax, q.scheme.ch_axis)
+        if self.drop and self.drop_prob > 0:
+            keep = torch.rand(x.shape, generator=self.gen, device=x.device) < self.drop_prob
+            y = torch.where(keep, x, y)
+        return y
+
+
+def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    err = (out - target) ** 2
+    if weight is not None:
+        err = err * weight
+    return err.flatten(1).sum(1).mean()
+
+
+@torch.no_grad()
+def _cache_loss(unit: nn.Module, streams: Sequence[Stream], chunk: int = 256) -> float:
+    total, n = 0.0, 0
+    for s in streams:
+        for i in range(0, len(s), chunk):
+            w = s.extra.get('fisher')
+            out = unit(s.inputs[i:i + chunk])
+            total += float(_unit_loss(out, s.outputs[i:i + chunk], None if w is None else w[i:i + chunk])) \
+                * min(chunk, len(s) - i)
+            n += min(chunk, len(s) - i)
+    return total / max(n, 1)
+
+
+def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: Sequence[Stream],
+                cfg: ReconConfig, progress: Optional[Callable[[int, int, float], None]] = None) -> ReconResult:
+    """Learn the rounding of ``layers`` (the quantized layers inside ``unit``, weight quantizers
+    calibrated) and the steps of their input quantizers so that ``unit`` reproduces the streams'
+    outputs from their inputs. ``progress(t, iters, loss)`` is called every 100 iterations."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    saved = []
+    adas, steps = [], []
+    was_training = unit.training
+    unit.eval()
+    try:
+        for _, layer in layers:
+            wq, aq = layer.weight_quantizer, layer.input_quantizer
+            qmin, qmax = wq.qrange()
+            ada = AdaRoundWeight(layer.weight, wq.scale, wq.zero_point, qmin, qmax, wq.scheme.ch_axis)
+            saved.append((layer, wq, aq))
+            layer.weight_quantizer = _AdaRoundQuant(ada)
+            adas.append(ada)
+            if aq is not None and cfg.act_lr > 0:
+                lsq = _LearnedStepQuant(aq, cfg.drop_prob, gen)
+                layer.input_quantizer = lsq
+                steps.append(lsq)
+        for a in adas:                                      # round-to-nearest: V >= 0 where frac >= 1/2
+            a.harden()
+        loss_rtn = _cache_loss(unit, streams)
+        for a in adas:
+            a.hard = False
+        opt = torch.optim.Adam([a.v for a in adas], lr=cfg.lr)
+        opt_a = sched_a = None
+        if steps:
+            opt_a = torch.optim.Adam([s.step for s in steps], lr=cfg.act_lr)
+            sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
+        beta_at = BetaSchedule(cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+        sizes = torch.tensor([len(s) for s in streams], dtype=torch.float)
+        for s in steps:
+            s.drop = True
+        running = None
+        for t in range(cfg.iters):
+            s = streams[int(torch.multinomial(sizes, 1, generator=gen))]
+            idx = torch.randint(len(s), (min(cfg.batch_size, len(s)),), generator=gen)
+            w = s.extra.get('fisher')
+            rec = _unit_loss(unit(s.inputs[idx]), s.outputs[idx], None if w is None else w[idx])
+            beta = beta_at(t)
+            loss = rec if beta is None or cfg.lam == 0 else rec + cfg.lam * sum(a.regularizer(beta) for a in adas)
+            opt.zero_grad(set_to_none=True)
+            if opt_a is not None:
+                opt_a.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if opt_a is not None:
+                opt_a.step()
+                sched_a.step()
+                with torch.no_grad():
+                    for st in steps:
+                        st.step.clamp_(min=1e-8)
+            running = float(rec) if running is None else 0.98 * running + 0.02 * float(rec)
+            if progress is not None and ((t + 1) % 100 == 0 or t + 1 == cfg.iters):
+                progress(t + 1, cfg.iters, running)
+        for s in steps:
+            s.drop = False
+        for a in adas:
+            a.harden()
+        loss = _cache_loss(unit, streams)
+        with torch.no_grad():
+            for (layer, wq, aq), ada in zip(saved, adas):
+                layer.weight.data.copy_(ada().to(layer.weight.dtype))
+        for st in steps:
+            with torch.no_grad():
+                st.q[0].scale.copy_(st.step.detach())
+    finally:
+        for layer, wq, aq in saved:
+            layer.weight_quantizer = wq
+            layer.input_quantizer = aq
+        unit.train(was_training)
+    return ReconResult(loss_rtn, loss, cfg.iters, time.perf_counter() - t0)

@@ -1,0 +1,100 @@
+"""Inputs and outputs of one module over the calibration batches, torch only.
+
+Block reconstruction trains a unit on (input, float output) pairs. :func:`capture` runs the
+batches with hooks on the unit and keeps what it received and returned, call by call: a module
+called several times per forward (a detection head shared by the FPN levels) gives one stream
+per call index, and inputs of different shapes (canvases of different sizes) are kept apart.
+The forward stops once the unit has made its last call of the batch, so capturing a unit near
+the input costs a fraction of a forward pass.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ['Stream', 'capture', 'calls_per_batch']
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Stream:
+    """The ``k``-th call of the unit in every batch, all of one input shape: ``inputs`` and
+    ``outputs`` concatenated over the batches (first axis: samples)."""
+    call: int
+    inputs: torch.Tensor
+    outputs: Optional[torch.Tensor] = None
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+
+def _first_tensor(args, where: str) -> torch.Tensor:
+    if not args or not isinstance(args[0], torch.Tensor) or any(isinstance(a, torch.Tensor) for a in args[1:]):
+        raise TypeError(f'{where}: reconstruction needs a unit that takes one tensor; name another module '
+                        f'as the block')
+    return args[0]
+
+
+def calls_per_batch(model: nn.Module, module: nn.Module, batch, fwd: Callable) -> int:
+    """How many times ``module`` runs in one forward pass on ``batch``."""
+    n = [0]
+    h = module.register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
+    try:
+        with torch.no_grad():
+            fwd(model, batch)
+    finally:
+        h.remove()
+    return n[0]
+
+
+def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callable, calls: int,
+            outputs: bool = True, name: str = 'unit') -> List[Stream]:
+    """Run ``fwd(model, batch)`` on every batch (no grad) and keep ``module``'s input (and output)
+    of each call; the forward stops after the ``calls``-th call of each batch (from
+    :func:`calls_per_batch`). Returns one :class:`Stream` per (call index, input shape)."""
+    chunks: Dict[Tuple[int, Tuple[int, ...]], List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
+    k = [0]
+    pending: List[Optional[torch.Tensor]] = [None]
+
+    def pre(m, args):
+        pending[0] = _first_tensor(args, name).detach()
+        if not outputs:
+            _keep(None)
+
+    def post(m, args, out):
+        if outputs:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f'{name}: reconstruction needs a unit that returns one tensor')
+            _keep(out.detach())
+
+    def _keep(out):
+        x = pending[0]
+        chunks.setdefault((k[0], tuple(x.shape[1:])), []).append((x, out))
+        k[0] += 1
+        if k[0] >= calls:
+            raise _Stop
+
+    h1 = module.register_forward_pre_hook(pre)
+    h2 = module.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                k[0] = 0
+                try:
+                    fwd(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        h1.remove()
+        h2.remove()
+    streams = []
+    for (call, _), items in sorted(chunks.items(), key=lambda kv: kv[0][0]):
+        xs = torch.cat([x for x, _ in items])
+        ys = torch.cat([y for _, y in items]) if outputs else None
+        streams.append(Stream(call, xs, ys))
+    return streams

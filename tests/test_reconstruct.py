@@ -1,0 +1,100 @@
+"""Unit capture and reconstruction (AdaRound + learned activation steps + QDrop) on small models."""
+import pytest
+import torch
+from torch import nn
+
+from mmquant import QConfig, convert
+from mmquant.calibrate import calibrate
+from mmquant.convert import quant_layers
+from mmquant.ptq.reconstruct import ReconConfig, reconstruct
+from mmquant.ptq.unit_cache import calls_per_batch, capture
+
+
+class Block(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Block()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.block(torch.relu(self.stem(x)))
+        return self.head(y) + self.head(y[..., ::2, ::2]).mean()     # head called twice, two shapes
+
+
+def _model(bits):
+    torch.manual_seed(0)
+    model = Net().eval()
+    for bn in (model.block.bn1, model.block.bn2):
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-0.2, 0.2)
+    qc = QConfig.build(dict(first_layer_bits=None, last_layer_bits=None,
+                            default=dict(w_observer='mse', a_observer='mse')), bits=bits)
+    convert(model, qc)
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    calibrate(model, batches)
+    return model, batches
+
+
+def test_capture_keeps_each_call_and_shape_and_stops_early():
+    model, batches = _model('w4a8')
+    fwd = lambda m, b: m(b)   # noqa: E731
+    assert calls_per_batch(model, model.head, batches[0], fwd) == 2
+    streams = capture(model, model.head, batches, fwd, calls=2)
+    assert [(s.call, tuple(s.inputs.shape), tuple(s.outputs.shape)) for s in streams] == \
+        [(0, (64, 8, 8, 8), (64, 4, 8, 8)), (1, (64, 8, 4, 4), (64, 4, 4, 4))]
+    with torch.no_grad():
+        torch.testing.assert_close(streams[0].outputs, model.head(streams[0].inputs))
+    seen = []
+    h = model.head.register_forward_pre_hook(lambda m, a: seen.append(1))
+    capture(model, model.block, batches, fwd, calls=1, outputs=False)   # stops before the head
+    h.remove()
+    assert seen == []
+
+
+@pytest.mark.parametrize('drop_prob', [0.0, 0.5])
+def test_reconstruction_beats_nearest_and_leaves_weights_on_the_grid(drop_prob):
+    model, batches = _model('w2a4')
+    fwd = lambda m, b: m(b)   # noqa: E731
+    from mmquant.calibrate import disabled
+    quantizers = [q for _, layer in quant_layers(model) for q in (layer.weight_quantizer, layer.input_quantizer) if q]
+    with disabled(quantizers):
+        target = capture(model, model.block, batches, fwd, calls=1)
+    inputs = capture(model, model.block, batches, fwd, calls=1, outputs=False)
+    target[0].inputs = inputs[0].inputs
+    layers = [(n, m) for n, m in quant_layers(model) if n.startswith('block.')]
+    steps_before = [float(m.input_quantizer.scale) for _, m in layers]
+    logged = []
+    res = reconstruct(model.block, layers, target, ReconConfig(iters=400, batch_size=16, drop_prob=drop_prob),
+                      progress=lambda t, n, loss: logged.append(t))
+    assert res.loss < 0.8 * res.loss_rtn and logged == [100, 200, 300, 400]
+    for (name, layer), before in zip(layers, steps_before):
+        wq = layer.weight_quantizer
+        assert type(wq).__name__ == 'UniformQuantizer'                  # the stand-ins are gone
+        s = wq.scale.reshape(-1, 1, 1, 1)
+        ints = layer.weight / s
+        assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.round().abs().max() <= 2
+        torch.testing.assert_close(layer.quantized_weight(), layer.weight)
+        assert float(layer.input_quantizer.scale) != before                # the step was learned
+    with torch.no_grad():                                                # the model reproduces res.loss
+        out = model.block(target[0].inputs)
+    assert float(((out - target[0].outputs) ** 2).flatten(1).sum(1).mean()) == pytest.approx(res.loss, rel=1e-4)
+
+
+def test_bad_settings_fail_in_one_line():
+    with pytest.raises(ValueError, match=r'drop_prob must be in \[0, 1\), got 1.5'):
+        ReconConfig(drop_prob=1.5)
+    with pytest.raises(ValueError, match='iters >= 1'):
+        ReconConfig(iters=0)
