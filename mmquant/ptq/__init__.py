@@ -3,6 +3,7 @@ import inspect
 
 from .base import PTQ_METHODS, PTQMethod, check_method, register_ptq
 from .bitsplit import BitSplitPTQ
+from .brecq import BRECQPTQ
 from .observer_ptq import KLPTQ, MSEPTQ, MinMaxPTQ, PercentilePTQ
 
 
@@ -19,4 +20,4 @@ def build_ptq(name: str, qconfig=None, bits=None, **options) -> PTQMethod:
 
 
 __all__ = ['PTQ_METHODS', 'PTQMethod', 'register_ptq', 'build_ptq', 'check_method',
-           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'BitSplitPTQ']
+           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'BitSplitPTQ', 'BRECQPTQ']

@@ -173,7 +173,8 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
                 with torch.no_grad():
                     for st in steps:
                         st.step.clamp_(min=1e-8)
-            running = float(rec) if running is None else 0.98 * running + 0.02 * float(rec)
+            r = float(rec.detach())
+            running = r if running is None else 0.98 * running + 0.02 * r
             if progress is not None and ((t + 1) % 100 == 0 or t + 1 == cfg.iters):
                 progress(t + 1, cfg.iters, running)
         for s in steps:

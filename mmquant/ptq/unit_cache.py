@@ -8,12 +8,12 @@ The forward stops once the unit has made its last call of the batch, so capturin
 the input costs a fraction of a forward pass.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ['Stream', 'capture', 'calls_per_batch']
+__all__ = ['Stream', 'capture', 'calls_per_batch', 'count_calls']
 
 
 class _Stop(Exception):
@@ -52,11 +52,40 @@ def calls_per_batch(model: nn.Module, module: nn.Module, batch, fwd: Callable) -
     return n[0]
 
 
-def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callable, calls: int,
-            outputs: bool = True, name: str = 'unit') -> List[Stream]:
+def count_calls(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequence, fwd: Callable):
+    """One forward pass per batch (no grad): ``(calls, order)`` with ``calls[name]`` the number of
+    calls of each module per batch and ``order`` the names by first call (never-called last)."""
+    calls = {n: [0] * len(batches) for n in modules}
+    first: Dict[str, int] = {}
+    b = [0]
+
+    def make(n):
+        def hook(m, a):
+            first.setdefault(n, len(first))
+            calls[n][b[0]] += 1
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                b[0] = i
+                fwd(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    order = sorted(modules, key=lambda n: first.get(n, len(modules)))
+    return calls, order
+
+
+def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callable,
+            calls: Union[int, Sequence[int]], outputs: bool = True, name: str = 'unit') -> List[Stream]:
     """Run ``fwd(model, batch)`` on every batch (no grad) and keep ``module``'s input (and output)
-    of each call; the forward stops after the ``calls``-th call of each batch (from
-    :func:`calls_per_batch`). Returns one :class:`Stream` per (call index, input shape)."""
+    of each call; the forward stops after the ``calls``-th call of each batch (one number for
+    all batches or one per batch, from :func:`calls_per_batch`). Returns one :class:`Stream` per
+    (call index, input shape)."""
+    per_batch = [calls] * len(batches) if isinstance(calls, int) else list(calls)
+    limit = [0]
     chunks: Dict[Tuple[int, Tuple[int, ...]], List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
     k = [0]
     pending: List[Optional[torch.Tensor]] = [None]
@@ -76,15 +105,17 @@ def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callabl
         x = pending[0]
         chunks.setdefault((k[0], tuple(x.shape[1:])), []).append((x, out))
         k[0] += 1
-        if k[0] >= calls:
+        if k[0] >= limit[0]:
             raise _Stop
 
     h1 = module.register_forward_pre_hook(pre)
     h2 = module.register_forward_hook(post)
     try:
         with torch.no_grad():
-            for batch in batches:
-                k[0] = 0
+            for batch, n in zip(batches, per_batch):
+                k[0], limit[0] = 0, n
+                if n == 0:
+                    continue
                 try:
                     fwd(model, batch)
                 except _Stop:

@@ -1,0 +1,131 @@
+"""BRECQ (Li et al., ICLR 2021): block reconstruction with AdaRound, torch only.
+
+1. Initial grids: per-channel weight scales by an Lp search of the clipping range and activation
+   ranges by the same search on calibration histograms (the ``mse`` observers).
+2. Units (:func:`find_units`): residual blocks whole, every other quantized layer alone (or the
+   modules a config names), taken in execution order.
+3. For each unit: its float output on the calibration batches is the target; its input comes
+   from the network whose earlier units are already quantized (the later ones float); the unit
+   learns its weight rounding (AdaRound) and its activation steps (LSQ) on minibatches drawn from
+   that cache (:func:`reconstruct`), optionally with QDrop.
+"""
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..calibrate import calibrate as observe_ranges
+from ..calibrate import disabled
+from ..convert import quant_layers
+from .base import PTQMethod, register_ptq
+from .blocks import Unit, find_units
+from .reconstruct import ReconConfig, reconstruct
+from .unit_cache import capture, count_calls
+
+logger = logging.getLogger('mmquant')
+
+__all__ = ['BRECQPTQ', 'BRECQRecord']
+
+
+@dataclass
+class BRECQRecord:
+    """What :meth:`BRECQPTQ.calibrate` did to one unit: its output loss on the calibration cache
+    with round-to-nearest on the initial grids and after reconstruction (``None``: never ran)."""
+    name: str
+    layers: List[str]
+    loss_rtn: Optional[float]
+    loss: Optional[float]
+    seconds: float
+    samples: int
+
+
+def _quantizers(model):
+    return [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]
+
+
+@register_ptq('brecq')
+class BRECQPTQ(PTQMethod):
+    """BRECQ as a PTQ method.
+
+    Args:
+        qconfig, bits: as for every PTQ method.
+        iters: reconstruction iterations per unit (the paper: 20000).
+        batch_size: minibatch of cached samples per iteration (32).
+        lam: weight of the rounding regulariser (0.01).
+        warmup: fraction of iterations before the regulariser starts (0.2).
+        lr: Adam learning rate of the rounding variables (1e-3).
+        act_lr: Adam learning rate of the activation steps (4e-5; 0 keeps the initial steps).
+        drop_prob: QDrop: probability that an activation element stays float while training (0: off).
+        blocks: module paths to reconstruct as units instead of the automatic choice.
+        seed: seed of the minibatch sampling and QDrop.
+    """
+    layer_defaults = dict(w_observer='mse', a_observer='mse', w_per_channel=True)
+
+    def __init__(self, qconfig=None, bits: Optional[str] = None, *, iters: int = 20000, batch_size: int = 32,
+                 lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-5,
+                 drop_prob: float = 0.0, blocks: Optional[Sequence[str]] = None, seed: int = 0):
+        super().__init__(qconfig, bits)
+        self.recon = ReconConfig(iters=int(iters), batch_size=int(batch_size), lam=float(lam),
+                                 warmup=float(warmup), lr=float(lr), act_lr=float(act_lr),
+                                 drop_prob=float(drop_prob), seed=int(seed))
+        self.blocks = list(blocks) if blocks else None
+
+    def calibrate(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
+                  progress=None) -> List[BRECQRecord]:
+        """Reconstruct every unit of the converted ``model`` in place, in execution order; returns
+        one :class:`BRECQRecord` per unit. ``progress(k, total)`` counts finished units."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError('calibration needs at least one batch')
+        fwd = forward_fn or (lambda m, b: m(b))
+        was_training = model.training
+        model.eval()
+        try:
+            observe_ranges(model, batches, fwd)
+            units = {u.name: u for u in find_units(model, self.blocks)}
+            calls, order = count_calls(model, {n: u.module for n, u in units.items()}, batches, fwd)
+            all_q = _quantizers(model)
+            layer_of = dict(quant_layers(model))
+            done: List[Unit] = []
+            records = []
+            for k, name in enumerate(order):
+                unit = units[name]
+                t0 = time.perf_counter()
+                rec = self._unit(model, unit, batches, fwd, calls[name], all_q, layer_of, done)
+                rec.seconds = time.perf_counter() - t0
+                records.append(rec)
+                done.append(unit)
+                if rec.loss is None:
+                    logger.info('mmquant brecq: %s never ran on the calibration data (round-to-nearest)', name)
+                else:
+                    logger.info('mmquant brecq: %s (%d layers) output loss: rtn %.4g -> brecq %.4g (%d samples, %.1f s)',
+                                name, len(unit.layers), rec.loss_rtn, rec.loss, rec.samples, rec.seconds)
+                if progress is not None:
+                    progress(k + 1, len(order))
+        finally:
+            model.train(was_training)
+        return records
+
+    def _unit(self, model, unit: Unit, batches, fwd, calls, all_q, layer_of, done) -> BRECQRecord:
+        if not any(calls):
+            return BRECQRecord(unit.name, unit.layers, None, None, 0.0, 0)
+        with disabled(all_q):                                   # the float network: targets
+            streams = capture(model, unit.module, batches, fwd, calls, name=unit.name)
+        on = [q for u in done for n in u.layers
+              for q in (layer_of[n].weight_quantizer, layer_of[n].input_quantizer) if q is not None]
+        off = [q for q in all_q if all(q is not o for o in on)]
+        with disabled(off):                                     # earlier units quantized: inputs
+            inputs = capture(model, unit.module, batches, fwd, calls, outputs=False, name=unit.name)
+        for s, x in zip(streams, inputs):
+            if s.inputs.shape != x.inputs.shape:
+                raise RuntimeError(f'{unit.name}: the float and quantized passes gave different inputs '
+                                   f'({tuple(s.inputs.shape)} vs {tuple(x.inputs.shape)}); the forward '
+                                   f'must be deterministic')
+            s.inputs = x.inputs
+        layers = [(n, layer_of[n]) for n in unit.layers]
+        res = reconstruct(unit.module, layers, streams, self.recon)
+        return BRECQRecord(unit.name, unit.layers, res.loss_rtn, res.loss, res.seconds,
+                           sum(len(s) for s in streams))
