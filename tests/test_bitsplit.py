@@ -195,6 +195,24 @@ def test_fit_is_never_worse_than_round_to_nearest(bits, per_channel):
         assert torch.all(res.alpha > 0)
 
 
+def test_holdout_chooses_on_unseen_samples_and_catches_overfitting():
+    # fewer samples than inputs (N < D): the fit drives its own error down and generalises worse
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 6, 64, generator=gen)
+    x_fit = torch.randn(1, 64, 40, generator=gen)
+    x_new = torch.randn(1, 64, 4000, generator=gen)
+    plain = fit_layer(w, x_fit, 6, iters=8)
+    # 200 samples, 160 of them held out: the fit sees 40
+    guarded = fit_layer(w, torch.cat([x_fit, torch.randn(1, 64, 160, generator=gen)], -1), 6, iters=8, holdout=0.8)
+    prob_new = response_problem(w, x_new)
+    a0, v0 = rtn_init(w, 6, True)
+    new_err = lambda res: float(objective(prob_new, res.alpha, res.ints).sum())   # noqa: E731
+    rtn_err = float(objective(prob_new, a0, v0).sum())
+    assert plain.err_bitsplit < plain.err_rtn and new_err(plain) > 1.5 * rtn_err   # overfits
+    assert new_err(guarded) < rtn_err                                           # caught
+    assert guarded.err_bitsplit <= guarded.err_rtn                              # on the held-out samples
+
+
 def test_fit_is_strictly_better_at_3_bits_on_correlated_inputs():
     w, x, _ = _problem(g=1, c=16, d=24, n=200, seed=7)
     for per_channel in (True, False):

@@ -328,12 +328,16 @@ class BitSplitPTQ(PTQMethod):
         max_inputs: layers whose outputs sum more inputs than this (``D``, e.g. VGG's 25088-wide
             first fully connected layer at 224x224) get the weight-only fit: the output fit needs
             a D x D Gram matrix (2.5 GB at D = 25088) and D sequential column steps per sweep.
+        holdout: fraction of each layer's sampled columns kept out of the fit to choose, per
+            channel, between the fitted state and round-to-nearest (0: choose on the fitted
+            samples, the paper's procedure); see :func:`fit_layer`.
     """
     layer_defaults = dict(w_per_channel=True, w_symmetric=True, w_narrow_range=True, a_symmetric=True)
 
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, num_samples: int = 4096, iters: int = 4,
                  error_compensation: bool = False, bn_recalibration: bool = False, seed: int = 0,
-                 act_samples: int = 1 << 18, block_size: int = 128, max_inputs: int = 16384):
+                 act_samples: int = 1 << 18, block_size: int = 128, max_inputs: int = 16384,
+                 holdout: float = 0.0):
         super().__init__(qconfig, bits)
         if num_samples < 1 or iters < 0 or act_samples < 1 or block_size < 1 or max_inputs < 1:
             raise ValueError('bitsplit: num_samples, act_samples, block_size, max_inputs must be >= 1 '
@@ -342,6 +346,9 @@ class BitSplitPTQ(PTQMethod):
         self.error_compensation, self.bn_recalibration = bool(error_compensation), bool(bn_recalibration)
         self.act_samples, self.block_size = int(act_samples), int(block_size)
         self.max_inputs = int(max_inputs)
+        if not 0 <= holdout < 1:
+            raise ValueError(f'bitsplit: holdout must be in [0, 1), got {holdout}')
+        self.holdout = float(holdout)
         self._check_symmetric(self.qconfig.default.w_symmetric, 'the default layer config')
         for pattern, ov in self.qconfig.overrides.items():
             self._check_symmetric(ov.get('w_symmetric', True), f'override {pattern!r}')
@@ -508,9 +515,10 @@ class BitSplitPTQ(PTQMethod):
                     aq.enabled = True
                     xq = aq(xq)
             res = fit_layer(w, patches_to_groups(layer, xq), bits, per_channel, self.iters,
-                            y=torch.bmm(w, x_float), block_size=self.block_size)
+                            y=torch.bmm(w, x_float), block_size=self.block_size, holdout=self.holdout)
         else:
-            res = fit_layer(w, x_float, bits, per_channel, self.iters, block_size=self.block_size)
+            res = fit_layer(w, x_float, bits, per_channel, self.iters, block_size=self.block_size,
+                            holdout=self.holdout)
         write_back(layer, res.alpha, res.ints)
         return BitSplitRecord(name, bits, a_bits, res.err_rtn, res.err_bitsplit, 0.0, 'output',
                               x_float.shape[-1])

@@ -328,7 +328,7 @@ def _rel(f: torch.Tensor, yy: torch.Tensor) -> float:
 
 def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = True, iters: int = 4,
               y: Optional[torch.Tensor] = None, weight_iters: int = 50, block_size: int = 128,
-              tol: float = 1e-4) -> FitResult:
+              tol: float = 1e-4, holdout: float = 0.0) -> FitResult:
     """BitSplit for one layer: ``w [g, C, D]`` (or ``[C, D]``), inputs ``x [g, D, N]`` (or
     ``[D, N]``), target ``y`` (default ``w x``).
 
@@ -338,19 +338,38 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
        ``iters`` rounds of closed-form alpha, then one coordinate-descent sweep per bit plane from
        the most significant, then stitching; the rounds stop
        early once the objective improves by less than ``tol`` (relative).
+
+    ``holdout`` > 0: that fraction of the samples (a seeded random choice) is not fitted on but
+    decides which state is kept (per channel for per-channel scales), and the returned errors
+    are measured on it. With fewer samples than inputs per output (``N < D``) the fit can lower
+    the error on its own samples and raise it elsewhere; the held-out samples catch that, and
+    round-to-nearest is kept where it generalises better.
     """
     w, x, y = as_groups(w, x, y)
+    val = None
+    if holdout > 0:
+        n = x.shape[-1]
+        k = min(n - 1, max(1, round(n * holdout)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(x.device)
+        vi, ti = perm[:k], perm[k:]
+        val = response_problem(w, x[..., vi], None if y is None else y[..., vi])
+        x, y = x[..., ti], (None if y is None else y[..., ti])
     prob = response_problem(w, x, y)
+
+    def select(a, v, f):        # the objective that decides which state is kept
+        return f if val is None else objective(val, a, v)
+
     a0, v0 = rtn_init(w, bits, per_channel)
     f_rtn = objective(prob, a0, v0)
+    s_rtn = select(a0, v0, f_rtn)
     a1, v1 = fit_weight_only(w, bits, per_channel, weight_iters, a0, v0)
     f1, rg1 = objective(prob, a1, v1, return_rg=True)
-    best_a, best_v, best_f, _ = _keep_best(a0, v0, f_rtn, a1, v1, f1, per_channel)
+    best_a, best_v, best_s, _ = _keep_best(a0, v0, s_rtn, a1, v1, select(a1, v1, f1), per_channel)
     # the rounds start from stage 1 even where round-to-nearest has the lower response error:
     # its better weight fit leads to better optima (the best state seen is what is returned)
     alpha, v, rg = a1.clone(), v1.clone(), rg1
     planes = split_planes(v, bits)
-    history = [float(best_f.sum())]
+    history = [float(_keep_best(a0, v0, f_rtn, a1, v1, f1, per_channel)[2].sum())]
     prev = history[0]
     for _ in range(iters):
         vg = (rg + prob.wg) / alpha
@@ -362,13 +381,14 @@ def fit_layer(w: torch.Tensor, x: torch.Tensor, bits: int, per_channel: bool = T
         v = stitch_planes(planes)
         rg = h.transpose(1, 2) if prob.d is None else h.transpose(1, 2) + prob.d   # r G, kept current
         f = objective(prob, alpha, v, rg=rg)
-        best_a, best_v, best_f, _ = _keep_best(best_a, best_v, best_f, alpha, v, f, per_channel)
+        best_a, best_v, best_s, _ = _keep_best(best_a, best_v, best_s, alpha, v, select(alpha, v, f), per_channel)
         cur = float(f.sum())
         history.append(cur)
         if prev - cur <= tol * prev:
             break
         prev = cur
-    return FitResult(best_a, best_v, _rel(f_rtn, prob.yy), _rel(best_f, prob.yy), history)
+    yy = prob.yy if val is None else val.yy
+    return FitResult(best_a, best_v, _rel(s_rtn, yy), _rel(best_s, yy), history)
 
 
 # --------------------------------------------------------------------------- activations
