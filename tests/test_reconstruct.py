@@ -90,7 +90,25 @@ def test_reconstruction_beats_nearest_and_leaves_weights_on_the_grid(drop_prob):
         assert float(layer.input_quantizer.scale) != before                # the step was learned
     with torch.no_grad():                                                # the model reproduces res.loss
         out = model.block(target[0].inputs)
-    assert float(((out - target[0].outputs) ** 2).flatten(1).sum(1).mean()) == pytest.approx(res.loss, rel=1e-4)
+    assert float(((out - target[0].outputs) ** 2).sum(1).mean()) == pytest.approx(res.loss, rel=1e-4)
+
+
+def test_qdrop_mixes_float_inputs_into_the_unit_input(monkeypatch):
+    import mmquant.ptq.brecq as brecq_mod
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    seen = {}
+
+    def spy(unit, layers, streams, cfg, progress=None):
+        seen[layers[0][0]] = [set(s.extra) for s in streams]
+        return reconstruct(unit, layers, streams, cfg, progress)
+
+    monkeypatch.setattr(brecq_mod, 'reconstruct', spy)
+    ptq = brecq_mod.BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w3a8', iters=20,
+                             batch_size=8, drop_prob=0.5)
+    ptq(model, batches)
+    assert seen['block.conv1'] == [{'float_inputs'}] and seen['head'] == [{'float_inputs'}] * 2
 
 
 def test_bad_settings_fail_in_one_line():

@@ -124,6 +124,8 @@ class BRECQPTQ(PTQMethod):
                 raise RuntimeError(f'{unit.name}: the float and quantized passes gave different inputs '
                                    f'({tuple(s.inputs.shape)} vs {tuple(x.inputs.shape)}); the forward '
                                    f'must be deterministic')
+            if self.recon.drop_prob > 0:
+                s.extra['float_inputs'] = s.inputs               # QDrop mixes them in
             s.inputs = x.inputs
         layers = [(n, layer_of[n]) for n in unit.layers]
         res = reconstruct(unit.module, layers, streams, self.recon)

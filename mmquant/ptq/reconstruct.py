@@ -5,10 +5,12 @@ The unit's quantized layers keep their grids (scales from the initial calibratio
 learned is each weight's rounding (:class:`AdaRoundWeight`) and, optionally, the step size of
 each activation quantizer inside the unit (LSQ: the gradient of the fake quantizer with respect
 to its step, scaled by ``1 / sqrt(n * qmax)``). The loss is the squared error of the unit's output
-against the float network's output, summed over an output and averaged over the minibatch,
-optionally weighted element-wise (Fisher diagonal), plus ``lam`` times the rounding regulariser
-once the warm-up is over. With ``drop_prob > 0`` (QDrop) each activation element stays float
-with that probability during training. At the end every rounding is made hard and written into
+against the float network's output, summed over channels and averaged over samples and
+positions, optionally weighted element-wise (Fisher diagonal), plus ``lam`` times the rounding
+regulariser once the warm-up is over. With ``drop_prob > 0`` (QDrop, Wei et al., ICLR 2022) each
+activation element stays float with that probability during training, at the unit's input too
+(the element of the float network's input replaces that of the partly quantized network, when
+the streams carry ``extra['float_inputs']``). At the end every rounding is made hard and written into
 the layer's weight, so the layer's ordinary fake quantization reproduces it exactly.
 """
 import math
@@ -98,10 +100,12 @@ class _LearnedStepQuant(nn.Module):
 
 
 def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Squared error summed over channels (axis 1), averaged over samples and positions (the
+    scale the paper's ``lam`` = 0.01 was chosen for)."""
     err = (out - target) ** 2
     if weight is not None:
         err = err * weight
-    return err.flatten(1).sum(1).mean()
+    return err.sum(1).mean()
 
 
 @torch.no_grad()
@@ -159,7 +163,11 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
             s = streams[int(torch.multinomial(sizes, 1, generator=gen))]
             idx = torch.randint(len(s), (min(cfg.batch_size, len(s)),), generator=gen)
             w = s.extra.get('fisher')
-            rec = _unit_loss(unit(s.inputs[idx]), s.outputs[idx], None if w is None else w[idx])
+            x = s.inputs[idx]
+            xf = s.extra.get('float_inputs')
+            if cfg.drop_prob > 0 and xf is not None:
+                x = torch.where(torch.rand(x.shape, generator=gen) < cfg.drop_prob, xf[idx], x)
+            rec = _unit_loss(unit(x), s.outputs[idx], None if w is None else w[idx])
             beta = beta_at(t)
             loss = rec if beta is None or cfg.lam == 0 else rec + cfg.lam * sum(a.regularizer(beta) for a in adas)
             opt.zero_grad(set_to_none=True)
