@@ -80,6 +80,8 @@ def test_reconstruction_beats_nearest_and_leaves_weights_on_the_grid(drop_prob):
     res = reconstruct(model.block, layers, target, ReconConfig(iters=400, batch_size=16, drop_prob=drop_prob),
                       progress=lambda t, n, loss: logged.append(t))
     assert res.loss < 0.8 * res.loss_rtn and logged == [100, 200, 300, 400]
+    params = list(model.block.parameters())
+    assert all(p.grad is None and p.requires_grad for p in params)      # untouched, flags restored
     for (name, layer), before in zip(layers, steps_before):
         wq = layer.weight_quantizer
         assert type(wq).__name__ == 'UniformQuantizer'                  # the stand-ins are gone

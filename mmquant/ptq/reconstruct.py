@@ -132,6 +132,10 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
     adas, steps = [], []
     was_training = unit.training
     unit.eval()
+    # only the rounding variables and the steps learn: no gradients for the unit's own parameters
+    grad_state = [(p, p.requires_grad) for p in unit.parameters()]
+    for p, _ in grad_state:
+        p.requires_grad_(False)
     try:
         for _, layer in layers:
             wq, aq = layer.weight_quantizer, layer.input_quantizer
@@ -197,6 +201,8 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
             with torch.no_grad():
                 st.q[0].scale.copy_(st.step.detach())
     finally:
+        for p, flag in grad_state:
+            p.requires_grad_(flag)
         for layer, wq, aq in saved:
             layer.weight_quantizer = wq
             layer.input_quantizer = aq
