@@ -34,7 +34,7 @@ import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoi
 from mmquant.convert import convert  # noqa: E402
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
-                                     tensor_forward)
+                                     task_loss, tensor_forward)
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
@@ -212,7 +212,7 @@ def main(argv=None):
                 logged_layers = True
             t0 = time.perf_counter()
             with forward_logs(logger):
-                ptq.calibrate(model, batches, forward_fn=tensor_forward)
+                ptq.calibrate(model, batches, forward_fn=tensor_forward, loss_fn=task_loss)
             calib = time.perf_counter() - t0
             t0 = time.perf_counter()
             metrics, correct = evaluate(model, loader, evaluator)

@@ -113,6 +113,28 @@ def test_qdrop_mixes_float_inputs_into_the_unit_input(monkeypatch):
     assert seen['block.conv1'] == [{'float_inputs'}] and seen['head'] == [{'float_inputs'}] * 2
 
 
+def test_capture_grads_equal_autograd_and_fisher_weights_the_loss():
+    from mmquant.ptq.brecq import BRECQPTQ
+    from mmquant.ptq.unit_cache import capture_grads
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    target = torch.randn(4, 4, 8, 8)
+    loss_fn = lambda m, b: ((m(b) - target) ** 2).sum()          # noqa: E731
+    grads = capture_grads(model, model.block, batches, loss_fn)
+    assert list(grads) == [(0, (8, 8, 8))] and all(p.grad is None for p in model.parameters())
+    y = torch.relu(model.stem(batches[1])).detach()
+    out = model.block(y).detach().requires_grad_(True)
+    ((model.head(out) + model.head(out[..., ::2, ::2]).mean() - target) ** 2).sum().backward()
+    torch.testing.assert_close(grads[(0, (8, 8, 8))][4:], out.grad)
+    ptq = BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w3a8', iters=30, batch_size=4, loss='fisher')
+    with pytest.raises(ValueError, match="brecq: loss='fisher' needs the task loss"):
+        ptq(Net().eval(), batches)
+    ptq.convert(model)
+    records = ptq.calibrate(model, batches, loss_fn=loss_fn)
+    assert [r.name for r in records] == ['stem', 'block', 'head'] and all(r.loss is not None for r in records)
+
+
 def test_bad_settings_fail_in_one_line():
     with pytest.raises(ValueError, match=r'drop_prob must be in \[0, 1\), got 1.5'):
         ReconConfig(drop_prob=1.5)

@@ -90,6 +90,25 @@ def test_bitsplit_through_the_cli_with_method_options(float_run):
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= 3   # 3-bit narrow grid
 
 
+def test_brecq_fisher_through_the_cli(float_run):
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'brecq'
+    proc = run_tool('tools/test.py', cfg, ckpt, '--quant', 'brecq', '--quant-bits', 'w2a4', '--calib-images', '32',
+                    '--work-dir', str(out), '--out-metrics', str(out / 'm.json'),
+                    '--cfg-options', 'quant.options.iters=20', 'quant.options.batch_size=8',
+                    'quant.options.loss=fisher', 'quant.options.drop_prob=0.5')
+    log = proc.stdout + proc.stderr
+    # residual blocks are units; the task loss reached the Fisher weights (else: one-line error)
+    assert 'mmquant brecq: backbone.layer1.0 (2 layers) output loss: rtn' in log
+    result = read(out / 'm.json')
+    assert result['method'] == 'brecq' and result['bits'] == 'w2a4'
+    state = torch.load(result['quantized_checkpoint'], weights_only=True)['state_dict']
+    w = state['backbone.layer1.0.conv1.weight']
+    scale = state['backbone.layer1.0.conv1.weight_quantizer.scale'].reshape(-1, 1, 1, 1)
+    codes = w / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+
+
 def test_config_only_use_through_custom_imports(float_run, tmp_path):
     """No mmquant import in the process: the config's custom_imports registers everything."""
     _, cfg, ckpt = float_run

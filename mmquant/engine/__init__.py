@@ -5,12 +5,12 @@ from .checkpoint import allow_openmmlab_checkpoints
 from .hooks import QuantCalibrationHook
 from .model import build_quantized_model
 from .transforms import RepeatChannels
-from .ptq_loop import PTQLoop, tensor_forward
+from .ptq_loop import PTQLoop, task_loss, tensor_forward
 
 allow_openmmlab_checkpoints()
 
 if find_spec('mmdet') is not None:
     from .. import det  # noqa: F401  (registers BlendMask in mmdet)
 
-__all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward',
+__all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward', 'task_loss',
            'allow_openmmlab_checkpoints']

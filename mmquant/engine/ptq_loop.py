@@ -75,6 +75,14 @@ def tensor_forward(model, data):
     return model(**data, mode='tensor')
 
 
+def task_loss(model, data):
+    """The training loss of a batch (data preprocessor in training mode, then the ``loss`` mode,
+    summed as the model's ``parse_losses`` sums it): what brecq's Fisher loss differentiates."""
+    data = model.data_preprocessor(data, True)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    return loss
+
+
 def default_calib_dataloader(runner, test_dataloader: dict):
     """The runner's train dataloader with the test pipeline (no augmentation), shuffled, so
     calibration sees training images as the model will see test images."""
@@ -184,7 +192,8 @@ class PTQLoop(TestLoop):
         batches, n = _take_images(loader, self.calib_images)
         progress = Progress(len(batches), f'calibrating {self.tag} on {n} images', self.runner.logger)
         with forward_logs(self.runner.logger):
-            self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress)
+            self.method.calibrate(model, batches, forward_fn=tensor_forward, progress=progress,
+                                  loss_fn=task_loss)
         progress.close()
         self._sync_ranks(model)
         seconds = time.perf_counter() - t0

@@ -43,18 +43,20 @@ class PTQMethod:
         return convert(model, self.qconfig, example_forward)
 
     def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
-                  progress=None):
+                  progress=None, loss_fn: Optional[Callable] = None):
         """Calibrate a converted model; ``progress(done, total)`` reports the method's own steps
-        (batches for the observers, layers for layer-wise methods)."""
+        (batches for the observers, layers for layer-wise methods). ``loss_fn(model, batch)``
+        returns the task loss of a batch, for methods that weigh their objective by it (brecq's
+        Fisher loss); the others ignore it."""
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
-                 progress=None) -> ConversionReport:
+                 progress=None, loss_fn: Optional[Callable] = None) -> ConversionReport:
         """Convert ``model`` in place and calibrate it on ``batches`` (a re-iterable sequence)."""
         batches = list(batches)
         if not batches:
             raise ValueError('calibration needs at least one batch')
         fwd = forward_fn or (lambda m, b: m(b))
         report = self.convert(model, example_forward=lambda: fwd(model, batches[0]))
-        self.calibrate(model, batches, forward_fn=fwd, progress=progress)
+        self.calibrate(model, batches, forward_fn=fwd, progress=progress, loss_fn=loss_fn)
         return report

@@ -398,7 +398,7 @@ class BitSplitPTQ(PTQMethod):
                 h.remove()
 
     def calibrate(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
-                  progress=None) -> List[BitSplitRecord]:
+                  progress=None, loss_fn: Optional[Callable] = None) -> List[BitSplitRecord]:
         """Quantize every converted layer of ``model`` in place, in execution order; returns one
         :class:`BitSplitRecord` per layer. ``progress(k, total)`` is called with the number of finished
         layers."""

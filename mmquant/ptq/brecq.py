@@ -23,7 +23,7 @@ from ..convert import quant_layers
 from .base import PTQMethod, register_ptq
 from .blocks import Unit, find_units
 from .reconstruct import ReconConfig, reconstruct
-from .unit_cache import capture, count_calls
+from .unit_cache import capture, capture_grads, count_calls
 
 logger = logging.getLogger('mmquant')
 
@@ -59,6 +59,9 @@ class BRECQPTQ(PTQMethod):
         lr: Adam learning rate of the rounding variables (1e-3).
         act_lr: Adam learning rate of the activation steps (4e-5; 0 keeps the initial steps).
         drop_prob: QDrop: probability that an activation element stays float while training (0: off).
+        loss: ``'mse'`` (squared output error) or ``'fisher'``: each output element's squared error
+            weighted by the squared gradient of the task loss with respect to it (the diagonal
+            Fisher, taken on the float network and scaled to mean 1 per unit); needs ``loss_fn``.
         blocks: module paths to reconstruct as units instead of the automatic choice.
         seed: seed of the minibatch sampling and QDrop.
     """
@@ -66,20 +69,28 @@ class BRECQPTQ(PTQMethod):
 
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, iters: int = 20000, batch_size: int = 32,
                  lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-5,
-                 drop_prob: float = 0.0, blocks: Optional[Sequence[str]] = None, seed: int = 0):
+                 drop_prob: float = 0.0, loss: str = 'mse', blocks: Optional[Sequence[str]] = None,
+                 seed: int = 0):
         super().__init__(qconfig, bits)
+        if loss not in ('mse', 'fisher'):
+            raise ValueError(f"brecq: unknown loss {loss!r}; accepted: mse, fisher")
+        self.loss = loss
         self.recon = ReconConfig(iters=int(iters), batch_size=int(batch_size), lam=float(lam),
                                  warmup=float(warmup), lr=float(lr), act_lr=float(act_lr),
                                  drop_prob=float(drop_prob), seed=int(seed))
         self.blocks = list(blocks) if blocks else None
 
     def calibrate(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
-                  progress=None) -> List[BRECQRecord]:
+                  progress=None, loss_fn: Optional[Callable] = None) -> List[BRECQRecord]:
         """Reconstruct every unit of the converted ``model`` in place, in execution order; returns
-        one :class:`BRECQRecord` per unit. ``progress(k, total)`` counts finished units."""
+        one :class:`BRECQRecord` per unit. ``progress(k, total)`` counts finished units;
+        ``loss_fn(model, batch)`` is the task loss (for ``loss='fisher'``)."""
         batches = list(batches)
         if not batches:
             raise ValueError('calibration needs at least one batch')
+        if self.loss == 'fisher' and loss_fn is None:
+            raise ValueError("brecq: loss='fisher' needs the task loss: pass loss_fn(model, batch)")
+        self._loss_fn = loss_fn
         fwd = forward_fn or (lambda m, b: m(b))
         was_training = model.training
         model.eval()
@@ -114,6 +125,12 @@ class BRECQPTQ(PTQMethod):
             return BRECQRecord(unit.name, unit.layers, None, None, 0.0, 0)
         with disabled(all_q):                                   # the float network: targets
             streams = capture(model, unit.module, batches, fwd, calls, name=unit.name)
+            if self.loss == 'fisher':
+                grads = capture_grads(model, unit.module, batches, self._loss_fn, name=unit.name)
+                g2 = [grads[(s.call, tuple(s.inputs.shape[1:]))] ** 2 for s in streams]
+                mean = sum(float(g.sum()) for g in g2) / max(1, sum(g.numel() for g in g2))
+                for s, g in zip(streams, g2):
+                    s.extra['fisher'] = g / max(mean, 1e-30)
         on = [q for u in done for n in u.layers
               for q in (layer_of[n].weight_quantizer, layer_of[n].input_quantizer) if q is not None]
         off = [q for q in all_q if all(q is not o for o in on)]

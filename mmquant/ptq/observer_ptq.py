@@ -10,7 +10,7 @@ from .base import PTQMethod, register_ptq
 
 class ObserverPTQ(PTQMethod):
 
-    def calibrate(self, model, batches, forward_fn=None, progress=None):
+    def calibrate(self, model, batches, forward_fn=None, progress=None, loss_fn=None):
         return calibrate(model, batches, forward_fn, progress)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ['Stream', 'capture', 'calls_per_batch', 'count_calls']
+__all__ = ['Stream', 'capture', 'capture_grads', 'calls_per_batch', 'count_calls']
 
 
 class _Stop(Exception):
@@ -129,3 +129,52 @@ def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callabl
         ys = torch.cat([y for _, y in items]) if outputs else None
         streams.append(Stream(call, xs, ys))
     return streams
+
+
+def capture_grads(model: nn.Module, module: nn.Module, batches: Sequence, loss_fn: Callable,
+                  name: str = 'unit') -> Dict[Tuple[int, Tuple[int, ...]], torch.Tensor]:
+    """Gradients of the task loss ``loss_fn(model, batch)`` with respect to each output of
+    ``module``, keyed like the streams of :func:`capture` (call index, input shape) and
+    concatenated over the batches in the same order. One forward and backward pass per batch;
+    the model's parameters get no gradients."""
+    grads: Dict[Tuple[int, Tuple[int, ...]], List[torch.Tensor]] = {}
+    k = [0]
+    shape = [None]
+
+    def pre(m, args):
+        shape[0] = tuple(_first_tensor(args, name).shape[1:])
+
+    def post(m, args, out):
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f'{name}: reconstruction needs a unit that returns one tensor')
+        key = (k[0], shape[0])
+        k[0] += 1
+        slot = grads.setdefault(key, [])
+        idx = len(slot)
+        slot.append(torch.zeros_like(out))
+
+        def store(g):
+            slot[idx] = g.detach()
+        if out.requires_grad:
+            out.register_hook(store)
+
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in params:
+        p.requires_grad_(False)
+    def track(m, args, out):      # the outputs join the graph even when nothing before them learns
+        if isinstance(out, torch.Tensor) and not out.requires_grad:
+            out.requires_grad_(True)
+
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(track),
+               module.register_forward_hook(post)]
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                k[0] = 0
+                loss_fn(model, batch).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in params:
+            p.requires_grad_(flag)
+    return {key: torch.cat(v) for key, v in grads.items()}
