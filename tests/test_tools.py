@@ -90,23 +90,34 @@ def test_bitsplit_through_the_cli_with_method_options(float_run):
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= 3   # 3-bit narrow grid
 
 
-def test_brecq_fisher_through_the_cli(float_run):
+def test_brecq_fisher_mixed_precision_through_the_cli_and_reload(float_run):
     tmp, cfg, ckpt = float_run
     out = tmp / 'brecq'
-    proc = run_tool('tools/test.py', cfg, ckpt, '--quant', 'brecq', '--quant-bits', 'w2a4', '--calib-images', '32',
+    proc = run_tool('tools/test.py', cfg, ckpt, '--quant', 'brecq', '--quant-bits', 'w4a4', '--calib-images', '32',
                     '--work-dir', str(out), '--out-metrics', str(out / 'm.json'),
                     '--cfg-options', 'quant.options.iters=20', 'quant.options.batch_size=8',
-                    'quant.options.loss=fisher', 'quant.options.drop_prob=0.5')
+                    'quant.options.loss=fisher', 'quant.options.drop_prob=0.5',
+                    'quant.options.mixed_bits=[2,4,8]', 'quant.options.avg_bits=3.0')
     log = proc.stdout + proc.stderr
     # residual blocks are units; the task loss reached the Fisher weights (else: one-line error)
     assert 'mmquant brecq: backbone.layer1.0 (2 layers) output loss: rtn' in log
+    assert 'mmquant brecq: mixed precision over' in log
     result = read(out / 'm.json')
-    assert result['method'] == 'brecq' and result['bits'] == 'w2a4'
-    state = torch.load(result['quantized_checkpoint'], weights_only=True)['state_dict']
+    assert result['method'] == 'brecq' and result['bits'] == 'w4a4'
+    saved = torch.load(result['quantized_checkpoint'], weights_only=True)
+    chosen = saved['meta']['mmquant']['weight_bits']
+    assert chosen['backbone.conv1'] == 8 and set(chosen.values()) <= {2, 4, 8}
+    state = saved['state_dict']
     w = state['backbone.layer1.0.conv1.weight']
     scale = state['backbone.layer1.0.conv1.weight_quantizer.scale'].reshape(-1, 1, 1, 1)
     codes = w / scale
-    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    b = chosen['backbone.layer1.0.conv1']
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= 2 ** (b - 1)
+    # the quantized checkpoint evaluates again with its searched bits, without calibration
+    again = tmp / 'brecq_reload'
+    run_tool('tools/test.py', cfg, result['quantized_checkpoint'], '--work-dir', str(again),
+             '--out-metrics', str(again / 'm.json'))
+    assert read(again / 'm.json')['metrics'] == result['metrics']
 
 
 def test_config_only_use_through_custom_imports(float_run, tmp_path):

@@ -34,6 +34,7 @@ from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
 from ..calibrate import all_calibrated
 from ..convert import convert, quant_layers
 from ..ptq import build_ptq
+from ..ptq.mixed_precision import set_weight_bits, weight_bits
 from .progress import Progress
 
 
@@ -174,6 +175,11 @@ class PTQLoop(TestLoop):
         state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
         if not any('_quantizer.' in k for k in state):
             return False
+        chosen = (ckpt.get('meta') or {}).get('mmquant', {}).get('weight_bits')
+        if chosen:                                             # a mixed-precision result
+            for name, layer in quant_layers(model):
+                if name in chosen:
+                    set_weight_bits(layer, int(chosen[name]))
         own = model.state_dict()
         missing = [k for k in own if '_quantizer.' in k and k not in state]
         if missing:
@@ -221,6 +227,8 @@ class PTQLoop(TestLoop):
             qconfig=self.method.qconfig.to_dict(),
             first_layers=report.first_layers if report else None,
             last_layers=report.last_layers if report else None))
+        if getattr(self.method, 'mixed_bits', None):      # the searched bits, to rebuild the grids on load
+            meta['mmquant']['weight_bits'] = weight_bits(model)
         dataset_meta = getattr(self.dataloader.dataset, 'metainfo', None)
         if dataset_meta is not None:
             meta['dataset_meta'] = dict(dataset_meta)

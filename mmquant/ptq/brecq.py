@@ -20,9 +20,11 @@ from torch import nn
 from ..calibrate import calibrate as observe_ranges
 from ..calibrate import disabled
 from ..convert import quant_layers
+from ..quantizers.scheme import check_bits
 from .base import PTQMethod, register_ptq
 from .blocks import Unit, find_units
-from .reconstruct import ReconConfig, reconstruct
+from .mixed_precision import choose_bits, set_weight_bits
+from .reconstruct import ReconConfig, _cache_loss, reconstruct
 from .unit_cache import capture, capture_grads, count_calls
 
 logger = logging.getLogger('mmquant')
@@ -63,6 +65,11 @@ class BRECQPTQ(PTQMethod):
             weighted by the squared gradient of the task loss with respect to it (the diagonal
             Fisher, taken on the float network and scaled to mean 1 per unit); needs ``loss_fn``.
         blocks: module paths to reconstruct as units instead of the automatic choice.
+        mixed_bits, avg_bits: mixed precision (both or neither): each unit whose layers have the
+            default weight bits gets one of ``mixed_bits`` (e.g. ``(2, 4, 8)``), chosen to minimise
+            the summed unit sensitivities (output loss with round-to-nearest on the initial grids,
+            float inputs, activations float) while those units' weights average at most
+            ``avg_bits`` bits per weight; first / last layers keep their bits.
         seed: seed of the minibatch sampling and QDrop.
     """
     layer_defaults = dict(w_observer='mse', a_observer='mse', w_per_channel=True)
@@ -70,8 +77,14 @@ class BRECQPTQ(PTQMethod):
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, iters: int = 20000, batch_size: int = 32,
                  lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-5,
                  drop_prob: float = 0.0, loss: str = 'mse', blocks: Optional[Sequence[str]] = None,
-                 seed: int = 0):
+                 mixed_bits: Optional[Sequence[int]] = None, avg_bits: Optional[float] = None, seed: int = 0):
         super().__init__(qconfig, bits)
+        if (mixed_bits is None) != (avg_bits is None):
+            raise ValueError('brecq: mixed precision needs both mixed_bits (e.g. [2, 4, 8]) and avg_bits (e.g. 4.0)')
+        self.mixed_bits = sorted({check_bits(int(b), 'mixed_bits') for b in mixed_bits}) if mixed_bits else None
+        self.avg_bits = None if avg_bits is None else float(avg_bits)
+        if self.mixed_bits and not self.mixed_bits[0] <= self.avg_bits:
+            raise ValueError(f'brecq: avg_bits={self.avg_bits} is below the smallest of mixed_bits {self.mixed_bits}')
         if loss not in ('mse', 'fisher'):
             raise ValueError(f"brecq: unknown loss {loss!r}; accepted: mse, fisher")
         self.loss = loss
@@ -100,6 +113,8 @@ class BRECQPTQ(PTQMethod):
             calls, order = count_calls(model, {n: u.module for n, u in units.items()}, batches, fwd)
             all_q = _quantizers(model)
             layer_of = dict(quant_layers(model))
+            if self.mixed_bits:
+                self._choose_bits(model, units, order, batches, fwd, calls, all_q, layer_of)
             done: List[Unit] = []
             records = []
             for k, name in enumerate(order):
@@ -119,6 +134,43 @@ class BRECQPTQ(PTQMethod):
         finally:
             model.train(was_training)
         return records
+
+    def _choose_bits(self, model, units, order, batches, fwd, calls, all_q, layer_of):
+        default = self.qconfig.default.w_bits
+        search = [n for n in order if any(calls[n]) and all(layer_of[l].weight_quantizer.bits == default
+                                                            for l in units[n].layers)]
+        sizes, losses = [], []
+        for name in search:
+            unit = units[name]
+            with disabled(all_q):
+                streams = capture(model, unit.module, batches, fwd, calls[name], name=name)
+            layers = [layer_of[l] for l in unit.layers]
+            n_weights = sum(layer.weight.numel() for layer in layers)
+            row = []
+            for b in self.mixed_bits:
+                for layer in layers:
+                    set_weight_bits(layer, b)
+                wqs = [layer.weight_quantizer for layer in layers]
+                with disabled([q for q in all_q if all(q is not w for w in wqs)] + [
+                        layer.input_quantizer for layer in layers if layer.input_quantizer is not None]):
+                    row.append(_cache_loss(unit.module, streams))
+            sizes.append([n_weights * b for b in self.mixed_bits])
+            losses.append(row)
+            all_q[:] = _quantizers(model)
+        budget = self.avg_bits * sum(s[0] / self.mixed_bits[0] for s in sizes)
+        choice = choose_bits(sizes, losses, budget)
+        for name, k in zip(search, choice):
+            for l in units[name].layers:
+                set_weight_bits(layer_of[l], self.mixed_bits[k])
+        all_q[:] = _quantizers(model)
+        n = sum(s[0] / self.mixed_bits[0] for s in sizes)
+        got = sum(s[k] for s, k in zip(sizes, choice)) / max(n, 1)
+        logger.info('mmquant brecq: mixed precision over %d units (%.0f weights), budget %.2f bits per weight, '
+                    'chosen %.2f: %s', len(search), n, self.avg_bits, got,
+                    ', '.join(f'{name} w{self.mixed_bits[k]}' for name, k in zip(search, choice)))
+        for name, row in zip(search, losses):
+            logger.info('mmquant brecq: sensitivity of %s: %s', name,
+                        ', '.join(f'w{b} {v:.4g}' for b, v in zip(self.mixed_bits, row)))
 
     def _unit(self, model, unit: Unit, batches, fwd, calls, all_q, layer_of, done) -> BRECQRecord:
         if not any(calls):
