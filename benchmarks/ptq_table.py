@@ -31,7 +31,6 @@ from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
-from mmquant.convert import convert  # noqa: E402
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
                                      task_loss, tensor_forward)
@@ -206,7 +205,7 @@ def main(argv=None):
             model = copy.deepcopy(float_model)
             qconfig = dict(default=dict(w_per_channel=per_channel))
             ptq = build_ptq(method, qconfig, bits, **options)
-            report = convert(model, ptq.qconfig, example_forward=lambda: tensor_forward(model, example))
+            report = ptq.convert(model, example_forward=lambda: tensor_forward(model, example))
             if not logged_layers:     # which layers are quantized, which stay float and why
                 logger.info(report.format())
                 logged_layers = True

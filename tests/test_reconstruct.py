@@ -130,7 +130,7 @@ def test_capture_grads_equal_autograd_and_fisher_weights_the_loss():
     ptq = BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w3a8', iters=30, batch_size=4, loss='fisher')
     with pytest.raises(ValueError, match="brecq: loss='fisher' needs the task loss"):
         ptq(Net().eval(), batches)
-    ptq.convert(model)
+    ptq.convert(model, lambda: model(batches[0]))
     records = ptq.calibrate(model, batches, loss_fn=loss_fn)
     assert [r.name for r in records] == ['stem', 'block', 'head'] and all(r.loss is not None for r in records)
 
@@ -168,12 +168,15 @@ def test_brecq_records_units_in_execution_order(caplog):
     model = Net().eval()
     batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     ptq = BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w3a8', iters=50, batch_size=8)
-    ptq.convert(model, lambda: model(batches[0]))
     done = []
     with caplog.at_level(logging.INFO, logger='mmquant'):
+        ptq.convert(model, lambda: model(batches[0]))
         records = ptq.calibrate(model, batches, progress=lambda k, n: done.append((k, n)))
     assert [r.name for r in records] == ['stem', 'block', 'head']
     assert records[1].layers == ['block.conv1', 'block.conv2'] and records[1].samples == 16
     assert records[2].samples == 32                                   # two calls per batch
     assert all(r.loss <= r.loss_rtn * 1.05 for r in records) and done[-1] == (3, 3)
     assert 'mmquant brecq: block (2 layers) output loss: rtn' in caplog.text
+    # BatchNorm was folded into the convs before quantization (the default)
+    assert isinstance(model.block.bn1, nn.Identity) and model.block.conv2.bias is not None
+    assert 'mmquant brecq: folded 2 BatchNorm layers into their convs' in caplog.text

@@ -32,7 +32,7 @@ from mmengine.runner import TestLoop
 from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
 
 from ..calibrate import all_calibrated
-from ..convert import convert, quant_layers
+from ..convert import quant_layers
 from ..ptq import build_ptq
 from ..ptq.mixed_precision import set_weight_bits, weight_bits
 from .progress import Progress
@@ -158,8 +158,8 @@ class PTQLoop(TestLoop):
         logger = self.runner.logger
         if not quant_layers(model):
             example = next(iter(self.dataloader))
-            self.report = convert(model, self.method.qconfig, io_layers=self.io_layers,
-                                  example_forward=lambda: tensor_forward(model, example))
+            self.report = self.method.convert(model, example_forward=lambda: tensor_forward(model, example),
+                                              io_layers=self.io_layers)
             logger.info(self.report.format())
         if not self._restore(model) and not all_calibrated(model):
             self._calibrate(model)

@@ -39,8 +39,11 @@ class PTQMethod:
         cfg['default'] = {**self.layer_defaults, **dict(cfg.get('default') or {})}
         self.qconfig = QConfig.build(cfg, bits=bits)
 
-    def convert(self, model: nn.Module, example_forward: Optional[Callable] = None) -> ConversionReport:
-        return convert(model, self.qconfig, example_forward)
+    def convert(self, model: nn.Module, example_forward: Optional[Callable] = None,
+                io_layers=None) -> ConversionReport:
+        """Swap the model's layers for quantized twins (see :func:`mmquant.convert.convert`);
+        methods that rewrite the float model first (BRECQ folds BatchNorm) do it here."""
+        return convert(model, self.qconfig, example_forward, io_layers=io_layers)
 
     def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
                   progress=None, loss_fn: Optional[Callable] = None):

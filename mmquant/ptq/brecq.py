@@ -20,6 +20,7 @@ from torch import nn
 from ..calibrate import calibrate as observe_ranges
 from ..calibrate import disabled
 from ..convert import quant_layers
+from ..fold_bn import fold_bn
 from ..quantizers.scheme import check_bits
 from .base import PTQMethod, register_ptq
 from .blocks import Unit, find_units
@@ -65,6 +66,8 @@ class BRECQPTQ(PTQMethod):
             weighted by the squared gradient of the task loss with respect to it (the diagonal
             Fisher, taken on the float network and scaled to mean 1 per unit); needs ``loss_fn``.
         blocks: module paths to reconstruct as units instead of the automatic choice.
+        fold_bn: fold each BatchNorm into the conv before it before quantizing (the paper does;
+            the quantized weights are then the folded ones an integer kernel runs).
         mixed_bits, avg_bits: mixed precision (both or neither): each unit whose layers have the
             default weight bits gets one of ``mixed_bits`` (e.g. ``(2, 4, 8)``), chosen to minimise
             the summed unit sensitivities (output loss with round-to-nearest on the initial grids,
@@ -77,8 +80,10 @@ class BRECQPTQ(PTQMethod):
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, iters: int = 20000, batch_size: int = 32,
                  lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-5,
                  drop_prob: float = 0.0, loss: str = 'mse', blocks: Optional[Sequence[str]] = None,
-                 mixed_bits: Optional[Sequence[int]] = None, avg_bits: Optional[float] = None, seed: int = 0):
+                 mixed_bits: Optional[Sequence[int]] = None, avg_bits: Optional[float] = None,
+                 fold_bn: bool = True, seed: int = 0):
         super().__init__(qconfig, bits)
+        self.fold_bn = bool(fold_bn)
         if (mixed_bits is None) != (avg_bits is None):
             raise ValueError('brecq: mixed precision needs both mixed_bits (e.g. [2, 4, 8]) and avg_bits (e.g. 4.0)')
         self.mixed_bits = sorted({check_bits(int(b), 'mixed_bits') for b in mixed_bits}) if mixed_bits else None
@@ -92,6 +97,14 @@ class BRECQPTQ(PTQMethod):
                                  warmup=float(warmup), lr=float(lr), act_lr=float(act_lr),
                                  drop_prob=float(drop_prob), seed=int(seed))
         self.blocks = list(blocks) if blocks else None
+
+    def convert(self, model: nn.Module, example_forward: Optional[Callable] = None, io_layers=None):
+        if self.fold_bn:
+            if example_forward is None:
+                raise ValueError('brecq: folding BatchNorm needs an example forward pass (or fold_bn=False)')
+            pairs = fold_bn(model, example_forward)
+            logger.info('mmquant brecq: folded %d BatchNorm layers into their convs', len(pairs))
+        return super().convert(model, example_forward, io_layers)
 
     def calibrate(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
                   progress=None, loss_fn: Optional[Callable] = None) -> List[BRECQRecord]:
