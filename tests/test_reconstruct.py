@@ -30,7 +30,7 @@ class Net(nn.Module):
         self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        y = self.block(torch.relu(self.stem(x)))
+        y = self.block(torch.relu_(self.stem(x)))                    # in place, as mm models do
         return self.head(y) + self.head(y[..., ::2, ::2]).mean()     # head called twice, two shapes
 
 
@@ -133,6 +133,25 @@ def test_capture_grads_equal_autograd_and_fisher_weights_the_loss():
     ptq.convert(model, lambda: model(batches[0]))
     records = ptq.calibrate(model, batches, loss_fn=loss_fn)
     assert [r.name for r in records] == ['stem', 'block', 'head'] and all(r.loss is not None for r in records)
+
+
+def test_early_stop_once_roundings_are_decided_and_the_loss_is_flat():
+    from mmquant.calibrate import disabled
+    out = {}
+    for early in (True, False):
+        model, batches = _model('w3a8')
+        fwd = lambda m, b: m(b)   # noqa: E731
+        quantizers = [q for _, l in quant_layers(model) for q in (l.weight_quantizer, l.input_quantizer) if q]
+        with disabled(quantizers):
+            streams = capture(model, model.block, batches, fwd, calls=1)
+        layers = [(n, m) for n, m in quant_layers(model) if n.startswith('block.')]
+        # a constant beta = 2 decides the roundings early (the paper's 20 -> 2 anneal decides
+        # them near its end, where stopping saves little)
+        cfg = ReconConfig(iters=4000, batch_size=16, lam=0.1, beta_start=2.0, beta_end=2.0, early_stop=early)
+        out[early] = reconstruct(model.block, layers, streams, cfg)
+    assert out[False].iters == 4000 and 1000 < out[True].iters < 4000
+    # this regulariser is too strong for the block: the unit falls back to round-to-nearest
+    assert out[True].loss == out[True].loss_rtn
 
 
 def test_bad_settings_fail_in_one_line():

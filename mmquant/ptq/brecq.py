@@ -43,6 +43,7 @@ class BRECQRecord:
     loss: Optional[float]
     seconds: float
     samples: int
+    iters: int = 0
 
 
 def _quantizers(model):
@@ -73,6 +74,8 @@ class BRECQPTQ(PTQMethod):
             the summed unit sensitivities (output loss with round-to-nearest on the initial grids,
             float inputs, activations float) while those units' weights average at most
             ``avg_bits`` bits per weight; first / last layers keep their bits.
+        early_stop: end a unit's reconstruction once every rounding is decided (``h`` within 0.01
+            of 0 or 1) and none has flipped for 1000 iterations: the result would not change.
         seed: seed of the minibatch sampling and QDrop.
     """
     layer_defaults = dict(w_observer='mse', a_observer='mse', w_per_channel=True)
@@ -81,7 +84,7 @@ class BRECQPTQ(PTQMethod):
                  lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-5,
                  drop_prob: float = 0.0, loss: str = 'mse', blocks: Optional[Sequence[str]] = None,
                  mixed_bits: Optional[Sequence[int]] = None, avg_bits: Optional[float] = None,
-                 fold_bn: bool = True, seed: int = 0):
+                 fold_bn: bool = True, early_stop: bool = True, seed: int = 0):
         super().__init__(qconfig, bits)
         self.fold_bn = bool(fold_bn)
         if (mixed_bits is None) != (avg_bits is None):
@@ -95,7 +98,7 @@ class BRECQPTQ(PTQMethod):
         self.loss = loss
         self.recon = ReconConfig(iters=int(iters), batch_size=int(batch_size), lam=float(lam),
                                  warmup=float(warmup), lr=float(lr), act_lr=float(act_lr),
-                                 drop_prob=float(drop_prob), seed=int(seed))
+                                 drop_prob=float(drop_prob), early_stop=bool(early_stop), seed=int(seed))
         self.blocks = list(blocks) if blocks else None
 
     def convert(self, model: nn.Module, example_forward: Optional[Callable] = None, io_layers=None):
@@ -133,15 +136,17 @@ class BRECQPTQ(PTQMethod):
             for k, name in enumerate(order):
                 unit = units[name]
                 t0 = time.perf_counter()
-                rec = self._unit(model, unit, batches, fwd, calls[name], all_q, layer_of, done)
+                rec = self._unit(model, unit, batches, fwd, calls[name], all_q, layer_of, done,
+                                 tag=f'{k + 1}/{len(order)} {name}')
                 rec.seconds = time.perf_counter() - t0
                 records.append(rec)
                 done.append(unit)
                 if rec.loss is None:
                     logger.info('mmquant brecq: %s never ran on the calibration data (round-to-nearest)', name)
                 else:
-                    logger.info('mmquant brecq: %s (%d layers) output loss: rtn %.4g -> brecq %.4g (%d samples, %.1f s)',
-                                name, len(unit.layers), rec.loss_rtn, rec.loss, rec.samples, rec.seconds)
+                    logger.info('mmquant brecq: %s (%d layers) output loss: rtn %.4g -> brecq %.4g (%d samples, '
+                                '%d iterations, %.1f s)', name, len(unit.layers), rec.loss_rtn, rec.loss,
+                                rec.samples, rec.iters, rec.seconds)
                 if progress is not None:
                     progress(k + 1, len(order))
         finally:
@@ -185,9 +190,17 @@ class BRECQPTQ(PTQMethod):
             logger.info('mmquant brecq: sensitivity of %s: %s', name,
                         ', '.join(f'w{b} {v:.4g}' for b, v in zip(self.mixed_bits, row)))
 
-    def _unit(self, model, unit: Unit, batches, fwd, calls, all_q, layer_of, done) -> BRECQRecord:
+    def _unit(self, model, unit: Unit, batches, fwd, calls, all_q, layer_of, done, tag='') -> BRECQRecord:
         if not any(calls):
             return BRECQRecord(unit.name, unit.layers, None, None, 0.0, 0)
+        t_start = time.perf_counter()
+        step = max(100, (self.recon.iters // 10) // 100 * 100)
+
+        def report(t, total, loss):                             # about ten lines per unit, with an ETA
+            if t % step == 0 or t == total:
+                spent = time.perf_counter() - t_start
+                logger.info('mmquant brecq: unit %s: iteration %d/%d, loss %.4g, eta %.0f s',
+                            tag, t, total, loss, spent / t * (total - t))
         with disabled(all_q):                                   # the float network: targets
             streams = capture(model, unit.module, batches, fwd, calls, name=unit.name)
             if self.loss == 'fisher':
@@ -210,6 +223,6 @@ class BRECQPTQ(PTQMethod):
                 s.extra['float_inputs'] = s.inputs               # QDrop mixes them in
             s.inputs = x.inputs
         layers = [(n, layer_of[n]) for n in unit.layers]
-        res = reconstruct(unit.module, layers, streams, self.recon)
+        res = reconstruct(unit.module, layers, streams, self.recon, progress=report)
         return BRECQRecord(unit.name, unit.layers, res.loss_rtn, res.loss, res.seconds,
-                           sum(len(s) for s in streams))
+                           sum(len(s) for s in streams), res.iters)

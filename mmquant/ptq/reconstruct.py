@@ -11,7 +11,9 @@ regulariser once the warm-up is over. With ``drop_prob > 0`` (QDrop, Wei et al.,
 activation element stays float with that probability during training, at the unit's input too
 (the element of the float network's input replaces that of the partly quantized network, when
 the streams carry ``extra['float_inputs']``). At the end every rounding is made hard and written into
-the layer's weight, so the layer's ordinary fake quantization reproduces it exactly.
+the layer's weight, so the layer's ordinary fake quantization reproduces it exactly; where the
+result is worse than round-to-nearest on the cache (rare: a too strong regulariser), the unit
+keeps round-to-nearest and its initial steps.
 """
 import math
 import time
@@ -40,6 +42,7 @@ class ReconConfig:
     lr: float = 1e-3            # Adam on V
     act_lr: float = 4e-5        # Adam on the activation steps (cosine decay); 0: steps stay fixed
     drop_prob: float = 0.0      # QDrop
+    early_stop: bool = True     # stop once every rounding is decided and stays put for 1000 iterations
     seed: int = 0
 
     def __post_init__(self):
@@ -53,7 +56,8 @@ class ReconConfig:
 
 @dataclass
 class ReconResult:
-    """Loss of the unit on its whole cache with round-to-nearest (same grids) and after."""
+    """Loss of the unit on its whole cache with round-to-nearest (same grids) and after, and the
+    iterations run (fewer than asked when the early stop ended them)."""
     loss_rtn: float
     loss: float
     iters: int
@@ -148,6 +152,7 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
                 lsq = _LearnedStepQuant(aq, cfg.drop_prob, gen)
                 layer.input_quantizer = lsq
                 steps.append(lsq)
+        start = ([a.v.detach().clone() for a in adas], [st.step.detach().clone() for st in steps])
         for a in adas:                                      # round-to-nearest: V >= 0 where frac >= 1/2
             a.harden()
         loss_rtn = _cache_loss(unit, streams)
@@ -163,6 +168,8 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         for s in steps:
             s.drop = True
         running = None
+        done = cfg.iters
+        marks = []                                          # rounding patterns every 100 iterations
         for t in range(cfg.iters):
             s = streams[int(torch.multinomial(sizes, 1, generator=gen))]
             idx = torch.randint(len(s), (min(cfg.batch_size, len(s)),), generator=gen)
@@ -189,11 +196,22 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
             running = r if running is None else 0.98 * running + 0.02 * r
             if progress is not None and ((t + 1) % 100 == 0 or t + 1 == cfg.iters):
                 progress(t + 1, cfg.iters, running)
+            if cfg.early_stop and beta is not None and (t + 1) % 100 == 0:
+                if _settled(adas, marks):
+                    done = t + 1
+                    break
         for s in steps:
             s.drop = False
         for a in adas:
             a.harden()
         loss = _cache_loss(unit, streams)
+        if loss > loss_rtn:                                 # keep round-to-nearest where it is better
+            with torch.no_grad():
+                for a, v in zip(adas, start[0]):
+                    a.v.copy_(v)
+                for st, step in zip(steps, start[1]):
+                    st.step.copy_(step)
+            loss = loss_rtn
         with torch.no_grad():
             for (layer, wq, aq), ada in zip(saved, adas):
                 layer.weight.data.copy_(ada().to(layer.weight.dtype))
@@ -207,4 +225,18 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
             layer.weight_quantizer = wq
             layer.input_quantizer = aq
         unit.train(was_training)
-    return ReconResult(loss_rtn, loss, cfg.iters, time.perf_counter() - t0)
+    return ReconResult(loss_rtn, loss, done, time.perf_counter() - t0)
+
+
+def _settled(adas, marks, window: int = 10) -> bool:
+    """Every rounding decided (``h`` within 0.01 of 0 or 1) and none of them flipped over the
+    last ``window`` hundred iterations: the hard rounding, which is the result, has stopped
+    changing (the rest of the schedule only lowers ``beta``, which pushes every ``h`` further
+    to its end). ``marks`` collects one rounding pattern per call (the last ``window + 1``)."""
+    with torch.no_grad():
+        h = torch.cat([a.rounding().reshape(-1) for a in adas])
+        marks.append(h >= 0.5)
+        if len(marks) > window + 1:
+            marks.pop(0)
+        decided = bool(((h < 0.01) | (h > 0.99)).all())
+    return decided and len(marks) == window + 1 and all(torch.equal(marks[0], m) for m in marks[1:])

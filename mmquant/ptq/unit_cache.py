@@ -161,9 +161,11 @@ def capture_grads(model: nn.Module, module: nn.Module, batches: Sequence, loss_f
     params = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in params:
         p.requires_grad_(False)
+    anchor = torch.zeros((), requires_grad=True)
+
     def track(m, args, out):      # the outputs join the graph even when nothing before them learns
         if isinstance(out, torch.Tensor) and not out.requires_grad:
-            out.requires_grad_(True)
+            return out + anchor.to(out.dtype)     # not a leaf: in-place ops after it stay legal
 
     handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(track),
                module.register_forward_hook(post)]
