@@ -228,3 +228,8 @@ def convert(model: nn.Module, qconfig: QConfig,
 def quant_layers(model: nn.Module):
     """``(name, layer)`` of every quantized twin in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def all_quantizers(model: nn.Module):
+    """Every weight and input quantizer of the quantized twins in the model."""
+    return [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]

@@ -7,7 +7,7 @@ from mmquant import QConfig, convert
 from mmquant.calibrate import calibrate
 from mmquant.convert import quant_layers
 from mmquant.ptq.reconstruct import ReconConfig, reconstruct
-from mmquant.ptq.unit_cache import calls_per_batch, capture
+from mmquant.ptq.unit_cache import capture, count_calls
 
 
 class BasicBlock(nn.Module):   # the class name marks a residual unit for find_units
@@ -51,7 +51,8 @@ def _model(bits):
 def test_capture_keeps_each_call_and_shape_and_stops_early():
     model, batches = _model('w4a8')
     fwd = lambda m, b: m(b)   # noqa: E731
-    assert calls_per_batch(model, model.head, batches[0], fwd) == 2
+    calls, order = count_calls(model, {'head': model.head, 'block': model.block}, batches[:2], fwd)
+    assert calls == {'head': [2, 2], 'block': [1, 1]} and order == ['block', 'head']
     streams = capture(model, model.head, batches, fwd, calls=2)
     assert [(s.call, tuple(s.inputs.shape), tuple(s.outputs.shape)) for s in streams] == \
         [(0, (64, 8, 8, 8), (64, 4, 8, 8)), (1, (64, 8, 4, 4), (64, 4, 4, 4))]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibrate import disabled
-from ..convert import quant_layers
+from ..convert import all_quantizers, quant_layers
 from ..nn import QConvTranspose2d
 from .base import PTQMethod, register_ptq
 from .bitsplit_solver import (FitResult, als_activation_scale, closed_form_alpha, fit_layer,
@@ -274,11 +274,6 @@ class _LayerSamples:
         return torch.cat(self.values)
 
 
-def _all_quantizers(model):
-    return [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer)
-            if q is not None]
-
-
 # --------------------------------------------------------------------------- BN re-estimation
 def recalibrate_bn(model: nn.Module, batches, forward_fn: Callable) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them on ``batches`` through the
@@ -410,7 +405,7 @@ class BitSplitPTQ(PTQMethod):
         for name, layer in layers:
             if not layer.weight_quantizer.scheme.symmetric:
                 self._check_symmetric(False, f'layer {name!r}')
-        quantizers = _all_quantizers(model)
+        quantizers = all_quantizers(model)
         state = [q.enabled for q in quantizers]
         was_training = model.training
         model.eval()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..calibrate import calibrate as observe_ranges
 from ..calibrate import disabled
-from ..convert import quant_layers
+from ..convert import all_quantizers, quant_layers
 from ..fold_bn import fold_bn
 from ..quantizers.scheme import check_bits
 from .base import PTQMethod, register_ptq
@@ -44,10 +44,6 @@ class BRECQRecord:
     seconds: float
     samples: int
     iters: int = 0
-
-
-def _quantizers(model):
-    return [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]
 
 
 @register_ptq('brecq')
@@ -127,7 +123,7 @@ class BRECQPTQ(PTQMethod):
             observe_ranges(model, batches, fwd)
             units = {u.name: u for u in find_units(model, self.blocks)}
             calls, order = count_calls(model, {n: u.module for n, u in units.items()}, batches, fwd)
-            all_q = _quantizers(model)
+            all_q = all_quantizers(model)
             layer_of = dict(quant_layers(model))
             if self.mixed_bits:
                 self._choose_bits(model, units, order, batches, fwd, calls, all_q, layer_of)
@@ -174,13 +170,13 @@ class BRECQPTQ(PTQMethod):
                     row.append(_cache_loss(unit.module, streams))
             sizes.append([n_weights * b for b in self.mixed_bits])
             losses.append(row)
-            all_q[:] = _quantizers(model)
+            all_q[:] = all_quantizers(model)
         budget = self.avg_bits * sum(s[0] / self.mixed_bits[0] for s in sizes)
         choice = choose_bits(sizes, losses, budget)
         for name, k in zip(search, choice):
             for l in units[name].layers:
                 set_weight_bits(layer_of[l], self.mixed_bits[k])
-        all_q[:] = _quantizers(model)
+        all_q[:] = all_quantizers(model)
         n = sum(s[0] / self.mixed_bits[0] for s in sizes)
         got = sum(s[k] for s, k in zip(sizes, choice)) / max(n, 1)
         logger.info('mmquant brecq: mixed precision over %d units (%.0f weights), budget %.2f bits per weight, '

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ['Stream', 'capture', 'capture_grads', 'calls_per_batch', 'count_calls']
+__all__ = ['Stream', 'capture', 'capture_grads', 'count_calls']
 
 
 class _Stop(Exception):
@@ -38,18 +38,6 @@ def _first_tensor(args, where: str) -> torch.Tensor:
         raise TypeError(f'{where}: reconstruction needs a unit that takes one tensor; name another module '
                         f'as the block')
     return args[0]
-
-
-def calls_per_batch(model: nn.Module, module: nn.Module, batch, fwd: Callable) -> int:
-    """How many times ``module`` runs in one forward pass on ``batch``."""
-    n = [0]
-    h = module.register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
-    try:
-        with torch.no_grad():
-            fwd(model, batch)
-    finally:
-        h.remove()
-    return n[0]
 
 
 def count_calls(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequence, fwd: Callable):
@@ -82,7 +70,7 @@ def capture(model: nn.Module, module: nn.Module, batches: Sequence, fwd: Callabl
             calls: Union[int, Sequence[int]], outputs: bool = True, name: str = 'unit') -> List[Stream]:
     """Run ``fwd(model, batch)`` on every batch (no grad) and keep ``module``'s input (and output)
     of each call; the forward stops after the ``calls``-th call of each batch (one number for
-    all batches or one per batch, from :func:`calls_per_batch`). Returns one :class:`Stream` per
+    all batches or one per batch, from :func:`count_calls`). Returns one :class:`Stream` per
     (call index, input shape)."""
     per_batch = [calls] * len(batches) if isinstance(calls, int) else list(calls)
     limit = [0]
