@@ -25,7 +25,7 @@ from ..quantizers.scheme import check_bits
 from .base import PTQMethod, register_ptq
 from .blocks import Unit, find_units
 from .mixed_precision import choose_bits, set_weight_bits
-from .reconstruct import ReconConfig, _cache_loss, reconstruct
+from .reconstruct import ReconConfig, cache_loss, reconstruct
 from .unit_cache import capture, capture_grads, count_calls
 
 logger = logging.getLogger('mmquant')
@@ -153,31 +153,29 @@ class BRECQPTQ(PTQMethod):
         default = self.qconfig.default.w_bits
         search = [n for n in order if any(calls[n]) and all(layer_of[l].weight_quantizer.bits == default
                                                             for l in units[n].layers)]
-        sizes, losses = [], []
+        counts, losses = [], []                                 # weights per unit, loss per bit width
         for name in search:
             unit = units[name]
             with disabled(all_q):
                 streams = capture(model, unit.module, batches, fwd, calls[name], name=name)
             layers = [layer_of[l] for l in unit.layers]
-            n_weights = sum(layer.weight.numel() for layer in layers)
             row = []
             for b in self.mixed_bits:
                 for layer in layers:
                     set_weight_bits(layer, b)
                 wqs = [layer.weight_quantizer for layer in layers]
-                with disabled([q for q in all_q if all(q is not w for w in wqs)] + [
-                        layer.input_quantizer for layer in layers if layer.input_quantizer is not None]):
-                    row.append(_cache_loss(unit.module, streams))
-            sizes.append([n_weights * b for b in self.mixed_bits])
+                with disabled([q for q in all_q if all(q is not w for w in wqs)]):   # only these weights
+                    row.append(cache_loss(unit.module, streams))
+            counts.append(sum(layer.weight.numel() for layer in layers))
             losses.append(row)
             all_q[:] = all_quantizers(model)
-        budget = self.avg_bits * sum(s[0] / self.mixed_bits[0] for s in sizes)
-        choice = choose_bits(sizes, losses, budget)
+        sizes = [[n * b for b in self.mixed_bits] for n in counts]
+        n = sum(counts)
+        choice = choose_bits(sizes, losses, self.avg_bits * n)
         for name, k in zip(search, choice):
             for l in units[name].layers:
                 set_weight_bits(layer_of[l], self.mixed_bits[k])
         all_q[:] = all_quantizers(model)
-        n = sum(s[0] / self.mixed_bits[0] for s in sizes)
         got = sum(s[k] for s, k in zip(sizes, choice)) / max(n, 1)
         logger.info('mmquant brecq: mixed precision over %d units (%.0f weights), budget %.2f bits per weight, '
                     'chosen %.2f: %s', len(search), n, self.avg_bits, got,

@@ -27,7 +27,7 @@ from ..quantizers.functional import fake_quantize
 from .adaround import AdaRoundWeight, BetaSchedule
 from .unit_cache import Stream
 
-__all__ = ['ReconConfig', 'ReconResult', 'reconstruct']
+__all__ = ['ReconConfig', 'ReconResult', 'reconstruct', 'cache_loss']
 
 
 @dataclass
@@ -113,7 +113,8 @@ def _unit_loss(out: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
 
 
 @torch.no_grad()
-def _cache_loss(unit: nn.Module, streams: Sequence[Stream], chunk: int = 256) -> float:
+def cache_loss(unit: nn.Module, streams: Sequence[Stream], chunk: int = 256) -> float:
+    """The unit's loss over its whole cache (Fisher-weighted when the streams carry it), in chunks."""
     total, n = 0.0, 0
     for s in streams:
         for i in range(0, len(s), chunk):
@@ -155,7 +156,7 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         start = ([a.v.detach().clone() for a in adas], [st.step.detach().clone() for st in steps])
         for a in adas:                                      # round-to-nearest: V >= 0 where frac >= 1/2
             a.harden()
-        loss_rtn = _cache_loss(unit, streams)
+        loss_rtn = cache_loss(unit, streams)
         for a in adas:
             a.hard = False
         opt = torch.optim.Adam([a.v for a in adas], lr=cfg.lr)
@@ -204,7 +205,7 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
             s.drop = False
         for a in adas:
             a.harden()
-        loss = _cache_loss(unit, streams)
+        loss = cache_loss(unit, streams)
         if loss > loss_rtn:                                 # keep round-to-nearest where it is better
             with torch.no_grad():
                 for a, v in zip(adas, start[0]):
