@@ -2,16 +2,32 @@ from setuptools import find_packages, setup
 
 
 def extensions():
-    """The C++ inner loop of BitSplit's coordinate sweep (mmquant/ptq/csrc). Built against the
-    installed torch (``pip install --no-build-isolation -e .``); without torch at build time it is
-    skipped and the solver runs its Python loop, which computes the same result more slowly."""
+    """The C++ kernels in mmquant/ptq/csrc: BitSplit's coordinate-sweep inner loop and AdaRound's
+    fused soft weight (BRECQ). Built against the installed torch (``pip install
+    --no-build-isolation -e .``); without torch at build time they are skipped and the Python
+    code computes the same results more slowly."""
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension('mmquant.ptq._bitsplit_sweep', ['mmquant/ptq/csrc/bitsplit_sweep.cpp'],
-                       extra_compile_args=['-O3', '-std=c++20'])   # torch >= 2.10 headers need C++20
-    return [ext], {'build_ext': BuildExtension}
+    args = ['-O3', '-std=c++20']                                  # torch >= 2.10 headers need C++20
+    exts = [CppExtension('mmquant.ptq._bitsplit_sweep', ['mmquant/ptq/csrc/bitsplit_sweep.cpp'],
+                         extra_compile_args=args),
+            CppExtension('mmquant.ptq._adaround_soft', ['mmquant/ptq/csrc/adaround_soft.cpp'],
+                         extra_compile_args=args + ['-fopenmp', '-ffast-math'] + simd_flags(),
+                         extra_link_args=['-fopenmp'])]
+    return exts, {'build_ext': BuildExtension}
+
+
+def simd_flags():
+    """-mavx2 -mfma when the machine building the extension has them (it is built where it runs:
+    ``pip install -e .``), so the AdaRound kernel's loops use 8-lane vector math."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = set(next((line for line in f if line.startswith('flags')), '').split())
+    except OSError:
+        return []
+    return ['-mavx2', '-mfma'] if {'avx2', 'fma'} <= flags else []
 
 
 def read_version():

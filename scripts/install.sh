@@ -77,12 +77,17 @@ fi
 
 # ---- the rest of the stack and mmquant itself -----------------------------------------------
 $PIP install -r requirements.txt
-# mmquant itself, editable, with its C++ BitSplit sweep built against this torch (about a minute);
-# skipped when installed from this checkout and the built sweep is newer than its source
-SWEEP_SO=$(ls mmquant/ptq/_bitsplit_sweep*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$SWEEP_SO" ] || [ mmquant/ptq/csrc/bitsplit_sweep.cpp -nt "$SWEEP_SO" ] || [ setup.py -nt "$SWEEP_SO" ] \
-   || ! (cd / && $VPY -c 'import sys, mmquant.ptq._bitsplit_sweep as m; sys.exit(not m.__file__.startswith(sys.argv[1]))' "$ROOT") 2>/dev/null; then
-  log "installing mmquant (editable) and building its C++ BitSplit sweep"
+# mmquant itself, editable, with its C++ kernels (BitSplit sweep, AdaRound soft weight) built
+# against this torch (about a minute); skipped when installed from this checkout and every built
+# kernel is newer than its source and setup.py
+built() {   # $1: extension name, $2: its source
+  local so
+  so=$(ls mmquant/ptq/$1*.so 2>/dev/null | head -n 1 || true)
+  [ -n "$so" ] && [ "$so" -nt "$2" ] && [ "$so" -nt setup.py ] \
+    && (cd / && $VPY -c 'import sys, importlib; m = importlib.import_module("mmquant.ptq." + sys.argv[2]); sys.exit(not m.__file__.startswith(sys.argv[1]))' "$ROOT" "$1") 2>/dev/null
+}
+if ! built _bitsplit_sweep mmquant/ptq/csrc/bitsplit_sweep.cpp || ! built _adaround_soft mmquant/ptq/csrc/adaround_soft.cpp; then
+  log "installing mmquant (editable) and building its C++ kernels"
   $PIP install --no-deps --no-build-isolation -e .
 fi
 $VPY -c 'import mmcv.ops, mmdet, mmpretrain, mmquant; from mmcv.ops import nms, RoIAlign; print("[install] ok: mmcv", mmcv.__version__, "with ops; mmdet", mmdet.__version__, "; mmpretrain", mmpretrain.__version__)'

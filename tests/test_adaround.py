@@ -75,3 +75,40 @@ def test_after_the_anneal_every_rounding_is_0_or_1_and_beats_nearest():
     rtn = torch.clamp(torch.round(w / scale[:, None]), -3, 3) * scale[:, None]
     err = lambda wq: float(((x @ wq.T - y) ** 2).sum())          # noqa: E731
     assert err(ada().detach()) < 0.8 * err(rtn)
+
+
+@pytest.mark.parametrize('shape,ch_axis,per_channel,zero', [
+    ((16, 8, 3, 3), 0, True, 0.0),      # conv weight, per output channel
+    ((8, 16, 3, 3), 1, True, 0.0),      # transposed conv weight: channels on axis 1
+    ((12, 40), 0, False, 3.0),          # linear, one grid for the tensor, affine zero point
+])
+@pytest.mark.parametrize('beta', [None, 20.0, 2.5])
+def test_fused_kernel_matches_the_composed_ops(shape, ch_axis, per_channel, zero, beta):
+    """The C++ soft weight and regulariser give the composed ops' values and gradients, including
+    weights clipped at the grid's ends and rounding variables saturated at h = 0 or 1."""
+    from mmquant.ptq import adaround
+    if adaround._soft_ext is None:
+        pytest.skip('the fused kernel is not built')
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 2
+    n_ch = shape[ch_axis] if per_channel else 1
+    scale = torch.rand(n_ch) * 0.3 + 0.2
+    zp = torch.full((n_ch, ), zero)
+    noise, g = torch.randn(shape) * 3, torch.randn(shape)
+    pair = []
+    for fused in (True, False):
+        ada = AdaRoundWeight(w, scale, zp, -4, 3, ch_axis)
+        with torch.no_grad():                                   # some saturated, some mid-way
+            ada.v.add_(noise)
+        ada.fused, ada.beta = fused, beta
+        out = ada()
+        loss = (out * g).sum() + (0.37 * ada.reg if beta is not None else 0)
+        loss.backward()
+        pair.append((out.detach(), None if ada.reg is None else ada.reg.detach(), ada.v.grad.clone()))
+    (w1, r1, g1), (w2, r2, g2) = pair
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    if beta is None:
+        assert r1 is None and r2 is None
+    else:
+        torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-3)

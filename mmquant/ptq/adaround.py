@@ -16,6 +16,11 @@ from torch import nn
 
 from ..quantizers.functional import broadcast_param
 
+try:   # the fused soft weight (setup.py builds it; same result, faster)
+    from . import _adaround_soft as _soft_ext
+except ImportError:  # pragma: no cover - not built (e.g. installed without torch at build time)
+    _soft_ext = None
+
 __all__ = ['ZETA', 'GAMMA', 'rectified_sigmoid', 'init_v', 'rounding_regularizer', 'BetaSchedule',
            'AdaRoundWeight']
 
@@ -57,12 +62,36 @@ class BetaSchedule:
         return self.end + (self.start - self.end) * max(0.0, 1.0 - rel)
 
 
+class _FusedSoft(torch.autograd.Function):
+    """``(soft weight, regulariser)`` from the C++ kernels; ``beta <= 0``: regulariser not computed (0)."""
+
+    @staticmethod
+    def forward(ctx, v, floor, s, z, qmin, qmax, inner, beta):
+        w, reg = _soft_ext.soft_forward(v, floor, s, z, float(qmin), float(qmax), inner, float(beta))
+        ctx.save_for_backward(v, floor, s, z)
+        ctx.args = (float(qmin), float(qmax), inner, float(beta))
+        return w, reg
+
+    @staticmethod
+    def backward(ctx, grad_w, grad_reg):
+        v, floor, s, z = ctx.saved_tensors
+        qmin, qmax, inner, beta = ctx.args
+        if grad_w is None:
+            grad_w = torch.zeros_like(v)
+        g_reg = 0.0 if grad_reg is None else float(grad_reg)
+        gv = _soft_ext.soft_backward(grad_w.contiguous(), v, floor, s, z, qmin, qmax, inner, beta, g_reg)
+        return gv, None, None, None, None, None, None, None
+
+
 class AdaRoundWeight(nn.Module):
     """The learnable rounding of one weight tensor on a fixed grid (``scale`` / ``zero_point``
     per channel along ``ch_axis``, or per tensor, integers in ``[qmin, qmax]``).
 
     ``forward()`` returns the soft quantized weight (differentiable in ``V``); after
-    :meth:`harden` it returns the hard one. :meth:`integers` gives the integer codes.
+    :meth:`harden` it returns the hard one. :meth:`integers` gives the integer codes. With
+    :attr:`beta` set, ``forward()`` also leaves the rounding regulariser of that exponent in
+    :attr:`reg` (computed in the same pass where the fused kernel runs), for the caller's loss.
+    ``fused=False`` forces the composed torch ops.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -78,6 +107,14 @@ class AdaRoundWeight(nn.Module):
         self.v = nn.Parameter(init_v(w / s - floor))
         self.qmin, self.qmax = qmin, qmax
         self.hard = False
+        # per-channel grid as flat vectors, and the stride between channels, for the fused kernel
+        self.register_buffer('s_vec', scale.detach().to(w.dtype).reshape(-1).clone().contiguous())
+        self.register_buffer('z_vec', zero_point.detach().to(w.dtype).reshape(-1).clone().contiguous())
+        n = self.s_vec.numel()
+        self.inner = 1 if n == 1 else int(math.prod(w.shape[ch_axis + 1:]))
+        self.beta: Optional[float] = None
+        self.reg: Optional[torch.Tensor] = None
+        self.fused = True
 
     def rounding(self) -> torch.Tensor:
         """``h(V)`` (soft), or 0/1 once hardened."""
@@ -88,8 +125,19 @@ class AdaRoundWeight(nn.Module):
         up = (self.v.detach() >= 0).to(self.floor.dtype)
         return torch.clamp(self.floor + up + self.z, self.qmin, self.qmax)
 
+    def _use_kernel(self) -> bool:
+        return (self.fused and _soft_ext is not None and self.v.device.type == 'cpu'
+                and self.v.dtype == torch.float32 and self.v.is_contiguous())
+
     def forward(self) -> torch.Tensor:
+        if not self.hard and self._use_kernel():
+            beta = self.beta if self.beta is not None else 0.0
+            w, reg = _FusedSoft.apply(self.v, self.floor, self.s_vec, self.z_vec, self.qmin, self.qmax,
+                                      self.inner, beta)
+            self.reg = reg if self.beta is not None else None
+            return w
         q = torch.clamp(self.floor + self.rounding() + self.z, self.qmin, self.qmax)
+        self.reg = None if self.beta is None or self.hard else self.regularizer(self.beta)
         return (q - self.z) * self.s
 
     def regularizer(self, beta: float) -> torch.Tensor:
