@@ -33,7 +33,7 @@ from mmengine.runner import Runner  # noqa: E402
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
-                                     task_loss, tensor_forward)
+                                     mm_method_options, task_loss, tensor_forward)
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
@@ -204,7 +204,7 @@ def main(argv=None):
         for label, method, options, per_channel in columns:
             model = copy.deepcopy(float_model)
             qconfig = dict(default=dict(w_per_channel=per_channel))
-            ptq = build_ptq(method, qconfig, bits, **options)
+            ptq = build_ptq(method, qconfig, bits, **mm_method_options(method, float_model, options))
             report = ptq.convert(model, example_forward=lambda: tensor_forward(model, example))
             if not logged_layers:     # which layers are quantized, which stay float and why
                 logger.info(report.format())

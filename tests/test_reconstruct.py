@@ -200,3 +200,51 @@ def test_brecq_records_units_in_execution_order(caplog):
     # BatchNorm was folded into the convs before quantization (the default)
     assert isinstance(model.block.bn1, nn.Identity) and model.block.conv2.bias is not None
     assert 'mmquant brecq: folded 2 BatchNorm layers into their convs' in caplog.text
+
+
+class Selecting(nn.Module):
+    """A 'proposal' step: the head runs on the rows whose stem output is large, so how many rows it
+    sees depends on how the stem is quantized (as a two-stage detector's RoI head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(y[y.sum(1) > 0.05])
+
+
+def test_brecq_unit_after_a_data_dependent_selection_uses_its_own_float_targets(caplog):
+    import logging
+    from mmquant.ptq import BRECQPTQ
+    torch.manual_seed(0)
+    model = Selecting().eval()
+    batches = [torch.randn(64, 6) for _ in range(2)]
+    ptq = BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w2a2', iters=20, batch_size=8)
+    with caplog.at_level(logging.INFO, logger='mmquant'):
+        ptq.convert(model, lambda: model(batches[0]))
+        records = ptq.calibrate(model, batches)
+    assert [r.name for r in records] == ['stem', 'head']
+    assert 'mmquant brecq: head sees other inputs in number' in caplog.text
+    # named explicitly, the unit never pairs with the float network's outputs (no message needed)
+    caplog.clear()
+    model = Selecting().eval()
+    ptq = BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w2a2', iters=20, batch_size=8,
+                   local_targets=['head'])
+    with caplog.at_level(logging.INFO, logger='mmquant'):
+        ptq.convert(model, lambda: model(batches[0]))
+        assert [r.name for r in ptq.calibrate(model, batches)] == ['stem', 'head']
+    assert 'sees other inputs' not in caplog.text
+
+
+def test_two_stage_detectors_get_local_roi_head_targets():
+    from mmquant.engine.ptq_loop import mm_method_options
+
+    class TwoStage(nn.Module):
+        with_roi_head = True
+    assert mm_method_options('brecq', TwoStage(), {}) == {'local_targets': ['roi_head']}
+    assert mm_method_options('brecq', TwoStage(), {'local_targets': []}) == {'local_targets': []}
+    assert mm_method_options('brecq', nn.Linear(2, 2), {'iters': 5}) == {'iters': 5}
+    assert mm_method_options('bitsplit', TwoStage(), {}) == {}

@@ -84,6 +84,17 @@ def task_loss(model, data):
     return loss
 
 
+def mm_method_options(method: str, model, options: dict) -> dict:
+    """A method's options with what some OpenMMLab models need added (where the user did not
+    set it): ``brecq`` on a two-stage detector reconstructs the RoI heads against the float RoI
+    head on the same proposals (``local_targets=['roi_head']``), since a quantized RPN proposes
+    other boxes than the float one."""
+    options = dict(options)
+    if method == 'brecq' and 'local_targets' not in options and getattr(model, 'with_roi_head', False):
+        options['local_targets'] = ['roi_head']
+    return options
+
+
 def default_calib_dataloader(runner, test_dataloader: dict):
     """The runner's train dataloader with the test pipeline (no augmentation), shuffled, so
     calibration sees training images as the model will see test images."""
@@ -134,6 +145,7 @@ class PTQLoop(TestLoop):
         qconfig = qconfig if qconfig is not None else scheme.get('qconfig')
         calib_images = calib_images or scheme.get('calib_images')
         options = options if options is not None else scheme.get('options') or {}
+        options = mm_method_options(method, unwrap(runner.model), options)
         self.method = build_ptq(method, qconfig, bits, **options)
         if calib_dataloader is None and isinstance(dataloader, dict):
             calib_dataloader = default_calib_dataloader(runner, dataloader)

@@ -40,7 +40,7 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     lr: float = 1e-3            # Adam on V
-    act_lr: float = 4e-5        # Adam on the activation steps (cosine decay); 0: steps stay fixed
+    act_lr: float = 4e-4        # Adam on the activation steps (cosine decay); 0: steps stay fixed
     drop_prob: float = 0.0      # QDrop
     early_stop: bool = True     # stop once every rounding is decided and stays put for 1000 iterations
     seed: int = 0
