@@ -45,6 +45,11 @@ from torch import nn  # noqa: E402
 REF_URL = 'https://github.com/yhhhli/BRECQ'
 
 
+def fail(msg: str):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('config')
@@ -68,7 +73,8 @@ def parse_args(argv=None):
 def load_reference(root: str):
     """The reference's ``quant`` package and ResNet classes from a local checkout."""
     if not osp.isfile(osp.join(root, 'quant', 'block_recon.py')):
-        raise SystemExit(f"error: {root!r} is not a checkout of {REF_URL} (no quant/block_recon.py)")
+        fail(f'{root!r} is not a checkout of the authors\' code (no quant/block_recon.py): '
+             f'git clone {REF_URL} {root}')
     sys.path.insert(0, osp.abspath(root))
     import quant as ref_quant  # noqa: E402
     from models import resnet as ref_resnet  # noqa: E402
@@ -89,8 +95,7 @@ def reference_copy(model: nn.Module, ref_resnet) -> nn.Module:
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]
     if missing or unexpected:
-        raise SystemExit(f'error: the checkpoint does not map onto the reference ResNet-18: missing {missing}, '
-                         f'unexpected {unexpected}')
+        fail(f'the checkpoint does not map onto the reference ResNet-18: missing {missing}, unexpected {unexpected}')
     return net.eval()
 
 
@@ -165,6 +170,7 @@ def run_ours(model: nn.Module, cali: torch.Tensor, bits: str, iters: int, early_
 
 def main(argv=None):
     args = parse_args(argv)
+    ref_quant, ref_resnet = (None, None) if args.skip == 'reference' else load_reference(args.reference)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     logging.getLogger('mmquant').setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
@@ -179,7 +185,6 @@ def main(argv=None):
     check_file(args.config, 'config')
     check_file(args.checkpoint, 'checkpoint')
     w_bits, a_bits = parse_bits(args.bits)
-    ref_quant, ref_resnet = (None, None) if args.skip == 'reference' else load_reference(args.reference)
 
     cfg = Config.fromfile(args.config)
     cfg.work_dir = osp.join('work_dirs', 'benchmarks', 'brecq_vs_reference')
@@ -208,7 +213,7 @@ def main(argv=None):
         with torch.no_grad():
             diff = float((net(images[:256]) - model(images[:256], mode='tensor')).abs().max())
         if diff > 1e-3:
-            raise SystemExit(f'error: the reference copy of the model differs from it (max |logit diff| {diff:.3g})')
+            fail(f'the reference copy of the model differs from it (max |logit diff| {diff:.3g})')
         torch.manual_seed(args.seed)
         t = time.perf_counter()
         qnn, rows = run_reference(net, ref_quant, cali, w_bits, a_bits, args.iters)

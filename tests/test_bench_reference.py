@@ -80,3 +80,28 @@ def test_table_and_json_with_a_standin_reference(tmp_path, capsys, monkeypatch):
         assert r['ref_s_at_100_epochs_extrapolated'] and r['ours_rounds'] <= 2
         assert 0 <= r['err_ours'] <= r['err_rtn'] * (1 + 1e-4)   # the fit never loses to its RTN start
         assert 0 <= r['err_ref'] <= r['err_rtn'] * (1 + 1e-4)    # nor does the stand-in's scale refit
+
+
+def test_brecq_benchmark_without_the_reference_is_a_one_line_error(tmp_path):
+    script = osp.join(ROOT, 'benchmarks', 'brecq_vs_reference.py')
+    missing = str(tmp_path / 'no_checkout')
+    proc = subprocess.run([sys.executable, script, 'cfg.py', 'ckpt.pth', '--reference', missing],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ''
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'git clone https://github.com/yhhhli/BRECQ {missing}' in lines[0]
+
+
+def test_brecq_benchmark_table_compares_the_common_units(capsys):
+    spec = importlib.util.spec_from_file_location('brecq_vs_reference',
+                                                  osp.join(ROOT, 'benchmarks', 'brecq_vs_reference.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.print_table(dict(bits='w2a4', iters=100, calib_images=64, threads=1, fp=90.0,
+                           reference=dict(seconds=5.0, top1=80.0, units={'a': dict(seconds=2.0, iters=125)}),
+                           ours=dict(seconds=3.0, top1=81.0, units={'stem': dict(seconds=1.0, iters=100),
+                                                                     'a': dict(seconds=1.0, iters=100)})))
+    out = capsys.readouterr().out
+    assert '| a | 2.0 (125, 16.0) | 1.0 (100, 10.0) | 1.60x |' in out
+    assert '| stem | - | 1.0 (100, 10.0) | - |' in out
+    assert '| the 1 units reference and ours reconstruct | 2.0 (125, 16.0) | 1.0 (100, 10.0) | 1.60x |' in out
