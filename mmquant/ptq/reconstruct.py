@@ -4,7 +4,8 @@ steps, optional QDrop, torch only.
 The unit's quantized layers keep their grids (scales from the initial calibration); what is
 learned is each weight's rounding (:class:`AdaRoundWeight`) and, optionally, the step size of
 each activation quantizer inside the unit (LSQ: the gradient of the fake quantizer with respect
-to its step, scaled by ``1 / sqrt(n * qmax)``). The loss is the squared error of the unit's output
+to its step, scaled by ``1 / sqrt(n * qmax)``), with Adam at a rate relative to each step's
+initial size. The loss is the squared error of the unit's output
 against the float network's output, summed over channels and averaged over samples and
 positions, optionally weighted element-wise (Fisher diagonal), plus ``lam`` times the rounding
 regulariser once the warm-up is over. With ``drop_prob > 0`` (QDrop, Wei et al., ICLR 2022) each
@@ -40,7 +41,8 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     lr: float = 1e-3            # Adam on V
-    act_lr: float = 4e-4        # Adam on the activation steps (cosine decay); 0: steps stay fixed
+    act_lr: float = 4e-3        # Adam on the activation steps, relative to each step's initial size (cosine
+                                # decay); 0: steps stay fixed
     drop_prob: float = 0.0      # QDrop
     early_stop: bool = True     # stop once every rounding is decided and stays put for 1000 iterations
     seed: int = 0
@@ -162,7 +164,10 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         opt = _adam([a.v for a in adas], cfg.lr)
         opt_a = sched_a = None
         if steps:
-            opt_a = _adam([s.step for s in steps], cfg.act_lr)
+            # each step's rate relative to its size: Adam moves a parameter by about its lr per
+            # iteration whatever the parameter's scale
+            opt_a = _adam([dict(params=[s.step], lr=cfg.act_lr * float(s.step.detach().abs().mean()))
+                           for s in steps], cfg.act_lr)
             sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
         beta_at = BetaSchedule(cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
         sizes = torch.tensor([len(s) for s in streams], dtype=torch.float)
