@@ -107,11 +107,8 @@ class AdaRoundWeight(nn.Module):
         self.v = nn.Parameter(init_v(w / s - floor))
         self.qmin, self.qmax = qmin, qmax
         self.hard = False
-        # per-channel grid as flat vectors, and the stride between channels, for the fused kernel
-        self.register_buffer('s_vec', scale.detach().to(w.dtype).reshape(-1).clone().contiguous())
-        self.register_buffer('z_vec', zero_point.detach().to(w.dtype).reshape(-1).clone().contiguous())
-        n = self.s_vec.numel()
-        self.inner = 1 if n == 1 else int(math.prod(w.shape[ch_axis + 1:]))
+        # the stride between channels in the weight, for the fused kernel (which takes s, z flat)
+        self.inner = 1 if self.s.numel() == 1 else int(math.prod(w.shape[ch_axis + 1:]))
         self.beta: Optional[float] = None
         self.reg: Optional[torch.Tensor] = None
         self.fused = True
@@ -132,8 +129,8 @@ class AdaRoundWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         if not self.hard and self._use_kernel():
             beta = self.beta if self.beta is not None else 0.0
-            w, reg = _FusedSoft.apply(self.v, self.floor, self.s_vec, self.z_vec, self.qmin, self.qmax,
-                                      self.inner, beta)
+            w, reg = _FusedSoft.apply(self.v, self.floor, self.s.reshape(-1), self.z.reshape(-1), self.qmin,
+                                      self.qmax, self.inner, beta)
             self.reg = reg if self.beta is not None else None
             return w
         q = torch.clamp(self.floor + self.rounding() + self.z, self.qmin, self.qmax)
