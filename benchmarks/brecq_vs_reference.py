@@ -13,9 +13,9 @@ whole test set, so speed is compared at equal accuracy.
 
 The reference is not vendored and never downloaded: pass a local checkout of
 https://github.com/yhhhli/BRECQ (tested at e455d62). Its ``quant`` package is imported from there
-and called unchanged, with one adaptation: its ``block_reconstruction`` / ``layer_reconstruction``
-put the minibatches on ``next(block.parameters()).device`` in the checkout tested, and its data
-helpers call ``torch.cuda.empty_cache()``, a no-op without CUDA; nothing else is patched.
+and called unchanged but for one line needed on a CPU: ``quant/block_recon.py`` line 82 hard-codes
+``device = 'cuda'`` for the minibatches; set it to ``device = next(block.parameters()).device``
+(its ``torch.cuda.empty_cache()`` calls are no-ops without CUDA).
 
 How each runs (their main_imagenet.py's procedure, driven from here through their public
 functions): the reference learns the weight rounding first (``iters`` iterations per unit,
