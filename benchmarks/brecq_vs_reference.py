@@ -42,12 +42,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mmquant.engine.cli import check_file, fail  # noqa: E402
+
 REF_URL = 'https://github.com/yhhhli/BRECQ'
-
-
-def fail(msg: str):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv=None):
@@ -179,7 +176,6 @@ def main(argv=None):
     from mmengine.runner import Runner
 
     import mmquant  # noqa: F401
-    from mmquant.engine.cli import check_file
     from mmquant.engine.ptq_loop import _take_images, default_calib_dataloader
     from mmquant.qconfig import parse_bits
     check_file(args.config, 'config')
