@@ -45,6 +45,8 @@ def all_calibrated(model: nn.Module) -> bool:
 
 
 def calibrate_weights(model: nn.Module):
+    """Fit every weight quantizer to its weight (trained quantizers only initialise: what they
+    learned is never overwritten)."""
     for _, layer in quant_layers(model):
         layer.weight_quantizer.fit(layer.weight)
 

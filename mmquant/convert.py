@@ -10,7 +10,7 @@ from torch import nn
 from .nn import QUANT_LAYERS, QConv2d, QConvTranspose2d, QLinear
 from .observers import build_observer
 from .qconfig import LayerQConfig, QConfig
-from .quantizers import QScheme, UniformQuantizer
+from .quantizers import QScheme, UniformQuantizer, build_quantizer
 
 # Subclasses whose forward is the plain convolution / linear map (the mmcv wrappers only add
 # empty-tensor handling), so swapping them loses nothing. Named, not imported: no mmcv needed.
@@ -144,8 +144,11 @@ def layer_qconfig(name: str, qconfig: QConfig, first: Set[str], last: Set[str]):
                               (last, qconfig.last_layer_bits, 'last')):
         if name in layers:
             role = tag if not role else f'{role}+{tag}'
-            if bits is not None:
-                cfg = replace(cfg, w_bits=bits, a_bits=None if cfg.a_bits is None else bits)
+            if bits is not None or qconfig.io_layer:
+                changes = dict(qconfig.io_layer)
+                if bits is not None:
+                    changes.update(w_bits=bits, a_bits=None if cfg.a_bits is None else bits)
+                cfg = replace(cfg, **changes)
     for pattern, ov in qconfig.overrides.items():
         if _matches(name, pattern):
             cfg = replace(cfg, **ov)
@@ -159,15 +162,21 @@ def build_quantizers(layer: nn.Module, cfg: LayerQConfig):
     transposed = isinstance(layer, nn.ConvTranspose2d)
     per_channel = cfg.w_per_channel and not (transposed and layer.groups > 1)
     axis = 1 if transposed else 0
-    w_scheme = QScheme(bits=cfg.w_bits, symmetric=cfg.w_symmetric, signed=True,
-                       narrow_range=cfg.w_narrow_range, per_channel=per_channel, ch_axis=axis)
-    wq = UniformQuantizer(w_scheme, num_channels=layer.weight.shape[axis],
-                          observer=build_observer(cfg.w_observer, per_channel, axis,
-                                                  **cfg.w_observer_kwargs))
+    if cfg.w_quantizer == 'uniform':
+        w_scheme = QScheme(bits=cfg.w_bits, symmetric=cfg.w_symmetric, signed=True,
+                           narrow_range=cfg.w_narrow_range, per_channel=per_channel, ch_axis=axis)
+        wq = UniformQuantizer(w_scheme, num_channels=layer.weight.shape[axis],
+                              observer=build_observer(cfg.w_observer, per_channel, axis,
+                                                      **cfg.w_observer_kwargs))
+    else:
+        wq = build_quantizer(cfg.w_quantizer, 'weight', cfg.w_bits, num_channels=layer.weight.shape[axis],
+                             ch_axis=axis, per_channel=per_channel, **cfg.w_quantizer_kwargs)
     aq = None
-    if cfg.a_bits is not None:
+    if cfg.a_bits is not None and cfg.a_quantizer == 'uniform':
         a_scheme = QScheme(bits=cfg.a_bits, symmetric=cfg.a_symmetric, signed=cfg.a_signed)
         aq = UniformQuantizer(a_scheme, observer=build_observer(cfg.a_observer, **cfg.a_observer_kwargs))
+    elif cfg.a_bits is not None:
+        aq = build_quantizer(cfg.a_quantizer, 'act', cfg.a_bits, signed=cfg.a_signed, **cfg.a_quantizer_kwargs)
     return wq, aq
 
 

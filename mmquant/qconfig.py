@@ -4,23 +4,31 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 from .observers import OBSERVERS
-from .quantizers.scheme import check_bits
+from .quantizers.registry import check_quantizer_bits
+from .quantizers.scheme import MAX_BITS, check_bits
 
 _BITS_RE = re.compile(r'^w(\d+)(?:a(\d+))?$')
 
 
-def parse_bits(spec: str) -> Tuple[int, Optional[int]]:
-    """``'w4a8'`` -> ``(4, 8)``; ``'w3'`` (weight-only) -> ``(3, None)``.
+def parse_bits(spec: str, binary: bool = False) -> Tuple[int, Optional[int]]:
+    """``'w4a8'`` -> ``(4, 8)``; ``'w3'`` (weight-only) -> ``(3, None)``. ``binary=True`` also
+    accepts 1 bit (for the training methods that have binary quantizers).
 
-    >>> parse_bits('w4a8'), parse_bits('W3')
-    ((4, 8), (3, None))
+    >>> parse_bits('w4a8'), parse_bits('W3'), parse_bits('w1a1', binary=True)
+    ((4, 8), (3, None), (1, 1))
     """
     m = _BITS_RE.match(str(spec).strip().lower())
+    lo = 1 if binary else 2
     if not m:
         raise ValueError(f'bad bit spec {spec!r}: expected wNaM (e.g. w4a8) or wN for weight-only '
-                         f'(e.g. w3), with N, M in 2..16')
-    w = check_bits(int(m.group(1)), f'weight bits in {spec!r}')
-    a = None if m.group(2) is None else check_bits(int(m.group(2)), f'activation bits in {spec!r}')
+                         f'(e.g. w3), with N, M in {lo}..{MAX_BITS}')
+
+    def check(b, what):
+        if binary and b == 1:
+            return b
+        return check_bits(b, what)
+    w = check(int(m.group(1)), f'weight bits in {spec!r}')
+    a = None if m.group(2) is None else check(int(m.group(2)), f'activation bits in {spec!r}')
     return w, a
 
 
@@ -38,11 +46,17 @@ class LayerQConfig:
     a_signed: Optional[bool] = None      # None: decided by calibration (unsigned after ReLU)
     w_observer_kwargs: dict = field(default_factory=dict)
     a_observer_kwargs: dict = field(default_factory=dict)
+    # 'uniform' (observer-calibrated grid) or a trained quantizer: lsq, pact, dorefa, lqnet,
+    # xnor, xnorpp, bireal (weights), sign (activations); the kwargs go to its constructor
+    w_quantizer: str = 'uniform'
+    a_quantizer: str = 'uniform'
+    w_quantizer_kwargs: dict = field(default_factory=dict)
+    a_quantizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        check_bits(self.w_bits, 'w_bits')
+        check_quantizer_bits(self.w_quantizer, 'weight', self.w_bits, 'w_bits')
         if self.a_bits is not None:
-            check_bits(self.a_bits, 'a_bits')
+            check_quantizer_bits(self.a_quantizer, 'act', self.a_bits, 'a_bits')
         for key in ('w_observer', 'a_observer'):
             if getattr(self, key) not in OBSERVERS:
                 raise ValueError(f'unknown {key} {getattr(self, key)!r}; accepted: '
@@ -63,6 +77,8 @@ class QConfig:
         overrides: ``{glob pattern on the module name: dict of LayerQConfig fields}``, applied
             in order after the first/last rule, so a user can always have the last word.
         skip: glob patterns of layers to leave in float.
+        io_layer: further :class:`LayerQConfig` fields for the first / last layers (e.g. the
+            binary methods give them a uniform 8-bit quantizer, since a sign has no 8-bit form).
 
     A pattern that matches no quantizable layer is an error naming the pattern.
     """
@@ -71,10 +87,14 @@ class QConfig:
     last_layer_bits: Optional[int] = 8
     overrides: Dict[str, dict] = field(default_factory=dict)
     skip: List[str] = field(default_factory=list)
+    io_layer: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.default, dict):
             self.default = LayerQConfig(**self.default)
+        unknown = set(self.io_layer) - _LAYER_KEYS
+        if unknown:
+            raise ValueError(f'io_layer has unknown keys {sorted(unknown)}; accepted: {sorted(_LAYER_KEYS)}')
         for b, name in ((self.first_layer_bits, 'first_layer_bits'), (self.last_layer_bits, 'last_layer_bits')):
             if b is not None:
                 check_bits(b, name)
@@ -100,7 +120,7 @@ class QConfig:
             d['default'] = dict(d.get('default') or {})
             qc = cls(**d)
         if bits is not None:
-            w, a = parse_bits(bits)
+            w, a = parse_bits(bits, binary=True)
             qc = replace(qc, default=replace(qc.default, w_bits=w, a_bits=a))
         return qc
 

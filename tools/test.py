@@ -16,7 +16,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
-from mmquant.engine.cli import add_common_args, check_file, fail, load_config, quant_meta  # noqa: E402
+from mmquant.engine.cli import (add_common_args, apply_qat, check_file, fail, is_qat_config,  # noqa: E402
+                                load_config, quant_meta)
 
 
 def parse_args(argv=None):
@@ -57,7 +58,20 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
     check_file(args.checkpoint, 'checkpoint')
-    loop = quant_test_cfg(cfg, args)
+    qat = quant_meta(args.checkpoint, 'mmquant_qat')
+    if qat is not None or (args.quant is None and is_qat_config(cfg)):
+        # a quantization-aware-trained model: rebuild it as trained, its checkpoint holds the rest
+        if args.quant is not None:
+            fail(f'{args.checkpoint} was trained with {qat["method"]} at {qat["bits"]}; drop --quant '
+                 'to evaluate it')
+        if qat is not None:
+            cfg.quant = {k: qat[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+        try:
+            apply_qat(cfg)
+        except ValueError as e:
+            fail(str(e))
+        cfg.test_cfg = dict(cfg.test_cfg) if cfg.get('test_cfg', {}).get('type') != 'PTQLoop' else dict()
+    loop = None if (qat is not None or is_qat_config(cfg)) else quant_test_cfg(cfg, args)
     if loop is not None:
         cfg.test_cfg = loop
     if args.amp:

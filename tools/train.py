@@ -1,6 +1,8 @@
 """Train an mmpretrain / mmdet model, optionally with fake quantization (straight-through).
 
     python tools/train.py configs/resnet18_fashionmnist.py
+    python tools/train.py configs/resnet18_fashionmnist_lsq_w4a4.py      # QAT from its float checkpoint
+    python tools/train.py CONFIG --quant lsq --quant-bits w2a2 --cfg-options load_from=float.pth
     python tools/train.py CONFIG --quant minmax --quant-bits w4a4 --cfg-options load_from=float.pth
 """
 import argparse
@@ -14,8 +16,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
-from mmquant.engine.cli import add_common_args, load_config  # noqa: E402
+from mmquant.engine.cli import add_common_args, apply_qat, fail, is_qat_config, load_config  # noqa: E402
 from mmquant.ptq import build_ptq  # noqa: E402
+from mmquant.qat import QAT_METHODS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,8 +53,13 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    if args.quant is not None:
-        wrap_for_qat(cfg, args.quant, args.quant_bits or 'w8a8')
+    try:
+        if args.quant in QAT_METHODS or (args.quant is None and is_qat_config(cfg)):
+            apply_qat(cfg, args.quant, args.quant_bits)
+        elif args.quant is not None:
+            wrap_for_qat(cfg, args.quant, args.quant_bits or 'w8a8')
+    except ValueError as e:
+        fail(str(e))
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

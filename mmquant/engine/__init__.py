@@ -3,6 +3,7 @@ from importlib.util import find_spec
 
 from .checkpoint import allow_openmmlab_checkpoints
 from .hooks import QuantCalibrationHook
+from .qat_freeze_hook import QATFreezeHook
 from .model import build_quantized_model
 from .transforms import RepeatChannels
 from .ptq_loop import PTQLoop, task_loss, tensor_forward
@@ -12,5 +13,5 @@ allow_openmmlab_checkpoints()
 if find_spec('mmdet') is not None:
     from .. import det  # noqa: F401  (registers BlendMask in mmdet)
 
-__all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'build_quantized_model', 'tensor_forward', 'task_loss',
+__all__ = ['PTQLoop', 'RepeatChannels', 'QuantCalibrationHook', 'QATFreezeHook', 'build_quantized_model', 'tensor_forward', 'task_loss',
            'allow_openmmlab_checkpoints']

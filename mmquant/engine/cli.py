@@ -8,6 +8,7 @@ import torch
 from mmengine.config import Config, DictAction
 
 from ..ptq import PTQ_METHODS, check_method
+from ..qat import QAT_METHODS, check_qat_method
 from ..qconfig import parse_bits
 
 
@@ -39,9 +40,12 @@ def load_config(args) -> Config:
 
 
 def add_quant_args(parser, train: bool):
-    what = ('observers that initialise fake-quant training' if train else 'post-training method')
-    parser.add_argument('--quant', metavar='NAME',
-                        help=f'quantization {what}: one of {", ".join(sorted(PTQ_METHODS))}')
+    if train:
+        what = (f'quantization-aware training method: one of {", ".join(sorted(QAT_METHODS))}, or '
+                f'plain straight-through fake-quant initialised by {", ".join(sorted(PTQ_METHODS))}')
+    else:
+        what = f'post-training quantization method: one of {", ".join(sorted(PTQ_METHODS))}'
+    parser.add_argument('--quant', metavar='NAME', help=what)
     parser.add_argument('--quant-bits', metavar='wNaM',
                         help="bits, e.g. 'w4a8', or 'w3' for weight-only (default 'w8a8')")
     if not train:
@@ -57,11 +61,17 @@ def fail(msg: str):
 
 def check_quant_args(args):
     """Validate ``--quant`` / ``--quant-bits`` before anything heavy is built."""
+    train = not hasattr(args, 'calib_images')
     try:
         if args.quant is not None:
-            check_method(args.quant)
+            if train and args.quant not in PTQ_METHODS and args.quant not in QAT_METHODS:
+                raise ValueError(f'unknown quantization method {args.quant!r}; accepted for training: '
+                                 f'{", ".join(sorted(QAT_METHODS))} (QAT), '
+                                 f'{", ".join(sorted(PTQ_METHODS))} (straight-through init)')
+            if not train:
+                check_method(args.quant)
         if args.quant_bits is not None:
-            parse_bits(args.quant_bits)
+            parse_bits(args.quant_bits, binary=train and args.quant in QAT_METHODS)
             if args.quant is None:
                 fail('--quant-bits needs --quant NAME')
     except ValueError as e:
@@ -73,9 +83,53 @@ def check_file(path: str, what: str):
         fail(f'{what} {path!r} does not exist')
 
 
-def quant_meta(checkpoint: str):
-    """The ``mmquant`` meta of a quantized checkpoint, or ``None`` for a float one."""
+def quant_meta(checkpoint: str, key: str = 'mmquant'):
+    """The ``mmquant`` meta of a PTQ-quantized checkpoint (``key='mmquant_qat'``: of a QAT
+    checkpoint), or ``None`` for a float one."""
     if not osp.isfile(checkpoint):
         return None
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    return (ckpt.get('meta') or {}).get('mmquant') if isinstance(ckpt, dict) else None
+    return (ckpt.get('meta') or {}).get(key) if isinstance(ckpt, dict) else None
+
+
+# parameters of the trained quantizers, by name: their weight decay (the papers': no decay on
+# LSQ steps and learned scales, L2 on PACT's clip level)
+QUANT_PARAM_DECAY = {'quantizer.step': 0.0, 'quantizer.gamma': 0.0, '.lambdas': 0.0, 'quantizer.alpha': 1.0}
+_QAT_KEYS = {'method', 'bits', 'qconfig', 'branches', 'calib_batches', 'alpha_decay_mult',
+             'first_layers', 'last_layers'}
+
+
+def is_qat_config(cfg) -> bool:
+    return (cfg.get('quant') or {}).get('method') in QAT_METHODS
+
+
+def apply_qat(cfg, method=None, bits=None):
+    """Turn ``cfg`` into a QAT config: the model becomes a ``QuantizedModel`` of the method
+    (settings from ``cfg.quant``, overridden by ``method`` / ``bits``), the calibration hook
+    initialises the quantizers, and the quantizers' parameters get their weight decay."""
+    quant = dict(cfg.get('quant') or {})
+    unknown = set(quant) - _QAT_KEYS
+    if unknown:
+        raise ValueError(f'quant has unknown keys {sorted(unknown)} for a QAT method; accepted: {sorted(_QAT_KEYS)}')
+    method = method or quant.get('method')
+    check_qat_method(method)
+    bits = bits or quant.get('bits') or 'w8a8'
+    model = dict(type='QuantizedModel', architecture=cfg.model, method=method, bits=bits,
+                 qconfig=quant.get('qconfig'), branches=quant.get('branches', 5))
+    for key in ('first_layers', 'last_layers'):
+        if quant.get(key) is not None:
+            model[key] = list(quant[key])
+    cfg.model = model
+    cfg.quant = dict(quant, method=method, bits=bits)
+    hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'QuantCalibrationHook']
+    cfg.custom_hooks = hooks + [dict(type='QuantCalibrationHook', num_batches=quant.get('calib_batches', 8))]
+    if cfg.get('optim_wrapper') is not None:
+        paramwise = dict(cfg.optim_wrapper.get('paramwise_cfg') or {})
+        keys = dict(paramwise.get('custom_keys') or {})
+        for key, decay in QUANT_PARAM_DECAY.items():
+            if key == 'quantizer.alpha':
+                decay = quant.get('alpha_decay_mult', decay)
+            keys.setdefault(key, dict(decay_mult=decay))
+        paramwise['custom_keys'] = keys
+        cfg.optim_wrapper.paramwise_cfg = paramwise
+    return cfg

@@ -1,19 +1,25 @@
 """``QuantCalibrationHook``: calibrate a ``QuantizedModel`` on training batches before training.
 
 With ``model = dict(type='QuantizedModel', ...)`` and this hook, the unchanged Runner does
-fake-quant training (straight-through estimator) from a float ``load_from`` checkpoint:
+quantization-aware training from a float ``load_from`` checkpoint:
 
     custom_hooks = [dict(type='QuantCalibrationHook', num_batches=8)]
 
-Activation ranges come from that calibration (or the resumed checkpoint) and stay fixed; weight
-ranges follow the weights: each forward re-derives the weight scale from the current weights,
-and the scales written into every checkpoint are those of the weights saved with it.
+Every quantizer is initialised from those batches (uniform grids: their ranges; LSQ: its step;
+PACT: its clip level; LQ-Net: its basis), unless the loaded or resumed checkpoint already holds
+them. Under DDP, rank 0's initialisation is broadcast so all ranks start identical. Uniform
+weight grids then follow the weights (re-derived every forward; the scales written into a
+checkpoint are those of the weights saved with it); trained quantizers keep what they learn.
+A QAT model's checkpoints record its method in ``meta['mmquant_qat']``, so ``tools/test.py``
+rebuilds it from any config of the same architecture.
 """
+from mmengine.dist import broadcast, get_world_size
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ..calibrate import all_calibrated, calibrate, calibrate_weights
-from ..convert import quant_layers
+from ..convert import all_quantizers, quant_layers
+from ..quantizers import UniformQuantizer
 from .ptq_loop import tensor_forward, unwrap
 
 
@@ -33,7 +39,8 @@ class QuantCalibrationHook(Hook):
             raise ValueError('QuantCalibrationHook needs a quantized model: use '
                              "model = dict(type='QuantizedModel', architecture=..., qconfig=...)")
         for _, layer in layers:
-            layer.weight_quantizer.dynamic = True
+            if isinstance(layer.weight_quantizer, UniformQuantizer):
+                layer.weight_quantizer.dynamic = True
         if all_calibrated(model):
             return
         batches = []
@@ -42,15 +49,26 @@ class QuantCalibrationHook(Hook):
                 break
             batches.append(data)
         calibrate(model, batches, forward_fn=tensor_forward)
-        runner.logger.info(f'mmquant: calibrated {len(quant_layers(model))} layers on '
-                           f'{len(batches)} training batches before training')
+        if get_world_size() > 1:
+            for q in all_quantizers(model):
+                for t in list(q.parameters()) + list(q.buffers()):
+                    broadcast(t.data, 0)
+        runner.logger.info(f'mmquant: calibrated {len(layers)} layers on {len(batches)} training batches '
+                           'before training')
 
     def before_save_checkpoint(self, runner, checkpoint):
-        """The optimizer stepped after the last forward: refresh the weight scales to match the
-        weights being saved."""
+        """The optimizer stepped after the last forward: refresh the uniform weight scales to match
+        the weights being saved; record a QAT model's method."""
         model = unwrap(runner.model)
         calibrate_weights(model)
         state = checkpoint['state_dict']
         for name, layer in quant_layers(model):
-            for key, value in layer.weight_quantizer.state_dict().items():
-                state[f'{name}.weight_quantizer.{key}'] = value.detach().cpu()
+            if isinstance(layer.weight_quantizer, UniformQuantizer):
+                for key, value in layer.weight_quantizer.state_dict().items():
+                    state[f'{name}.weight_quantizer.{key}'] = value.detach().cpu()
+        qat = getattr(model, 'mmquant_qat', None)
+        if qat is not None:
+            checkpoint.setdefault('meta', {})['mmquant_qat'] = dict(qat)
+
+
+__all__ = ['QuantCalibrationHook']

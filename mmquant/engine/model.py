@@ -12,26 +12,42 @@ from typing import Optional, Sequence
 from mmengine.registry import MODELS
 
 from ..convert import convert
+from ..qat import QAT_METHODS, prepare_qat
 from ..qconfig import QConfig
 
 
 @MODELS.register_module(name='QuantizedModel')
 def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bits: Optional[str] = None,
                           first_layers: Optional[Sequence[str]] = None,
-                          last_layers: Optional[Sequence[str]] = None, data_preprocessor=None, **kwargs):
+                          last_layers: Optional[Sequence[str]] = None, data_preprocessor=None,
+                          method: Optional[str] = None, branches: int = 5, **kwargs):
     """Build ``architecture`` and convert it by ``qconfig`` (``bits`` such as ``'w4a8'`` sets the
     default bits). ``first_layers`` / ``last_layers`` name the input / output layers; a quantized
     checkpoint records them, and without them the first / last layers in registration order
     are taken. ``data_preprocessor`` (which the Runner passes from the config's top level) goes to
-    the architecture unless it has its own."""
+    the architecture unless it has its own.
+
+    ``method``: a QAT method (``dorefa``, ``pact``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
+    ``bireal``, ``groupnet``): its quantizers and block rewrite, under ``qconfig``; ``branches``
+    is Group-Net's K."""
     if kwargs:
         raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
-                        'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor')
+                        'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor, '
+                        'method, branches')
     architecture = dict(architecture)
     if data_preprocessor is not None:
         architecture.setdefault('data_preprocessor', data_preprocessor)
     model = MODELS.build(architecture)
     io = None if first_layers is None and last_layers is None else (set(first_layers or ()), set(last_layers or ()))
-    report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)
+    if method is not None:
+        if method not in QAT_METHODS:
+            raise ValueError(f'QuantizedModel method {method!r} is not a QAT method; accepted: '
+                             f'{", ".join(sorted(QAT_METHODS))} (PTQ methods run through PTQLoop)')
+        report = prepare_qat(model, method, bits or 'w8a8', qconfig, branches=branches, io_layers=io)
+        model.mmquant_qat = dict(method=method, bits=bits or 'w8a8', qconfig=dict(qconfig or {}),
+                                 branches=branches, first_layers=report.first_layers,
+                                 last_layers=report.last_layers)
+    else:
+        report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)
     model.mmquant_report = report
     return model

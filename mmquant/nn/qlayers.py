@@ -34,12 +34,21 @@ class _QuantMixin:
     def _quant_input(self, x):
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def _output_scale(self, x):
+        """A per-position output scale from the input quantizer (XNOR-Net's K), or ``None``."""
+        fn = getattr(self.input_quantizer, 'output_scale', None)
+        return None if fn is None else fn(x, self)
+
 
 class QConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` (grouped and depthwise included) with quantized weight and input."""
 
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        k = self._output_scale(x)
+        if k is None:
+            return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self._quant_input(x), self.quantized_weight(), None) * k
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
 
 class QLinear(_QuantMixin, nn.Linear):

@@ -1,0 +1,2 @@
+# QAT scheme: lsq at W4A4 (first and last layers 8-bit); tools/train.py builds the model from it.
+quant = dict(method='lsq', bits='w4a4')

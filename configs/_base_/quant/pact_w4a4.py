@@ -1,0 +1,2 @@
+# QAT scheme: pact at W4A4 (first and last layers 8-bit); tools/train.py builds the model from it.
+quant = dict(method='pact', bits='w4a4')
