@@ -52,8 +52,14 @@ def test_take_images_cuts_the_last_batch_to_the_exact_count():
                          ids=osp.basename)
 def test_every_quant_scheme_builds_its_method(scheme):
     from mmengine.config import Config
+    from mmquant.engine.cli import _QAT_KEYS
     from mmquant.ptq import build_ptq
+    from mmquant.qat import QAT_METHODS, qat_qconfig
     quant = Config.fromfile(scheme).quant
+    if quant['method'] in QAT_METHODS:
+        assert set(quant) <= _QAT_KEYS
+        assert qat_qconfig(quant['method'], quant['bits'], quant.get('qconfig')).bits_tag() == quant['bits']
+        return
     assert set(quant) <= {'method', 'bits', 'qconfig', 'calib_images', 'options'}
     method = build_ptq(quant['method'], quant.get('qconfig'), quant['bits'], **quant.get('options', {}))
     assert method.qconfig.bits_tag() == quant['bits']

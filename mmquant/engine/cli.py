@@ -8,7 +8,7 @@ import torch
 from mmengine.config import Config, DictAction
 
 from ..ptq import PTQ_METHODS, check_method
-from ..qat import QAT_METHODS, check_qat_method
+from ..qat import QAT_METHODS, check_qat_method, qat_qconfig
 from ..qconfig import parse_bits
 
 
@@ -114,6 +114,7 @@ def apply_qat(cfg, method=None, bits=None):
     method = method or quant.get('method')
     check_qat_method(method)
     bits = bits or quant.get('bits') or 'w8a8'
+    qat_qconfig(method, bits, quant.get('qconfig'))   # bits / qconfig errors now, not inside the Runner
     model = dict(type='QuantizedModel', architecture=cfg.model, method=method, bits=bits,
                  qconfig=quant.get('qconfig'), branches=quant.get('branches', 5))
     for key in ('first_layers', 'last_layers'):

@@ -19,7 +19,6 @@ from .ptq_loop import unwrap
 
 @HOOKS.register_module()
 class QATFreezeHook(Hook):
-    priority = 'LOW'   # after the train loop has put the model in training mode
 
     def __init__(self, freeze_bn_epoch: Optional[int] = None, freeze_quant_epoch: Optional[int] = None):
         for name, v in (('freeze_bn_epoch', freeze_bn_epoch), ('freeze_quant_epoch', freeze_quant_epoch)):
@@ -28,14 +27,17 @@ class QATFreezeHook(Hook):
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_quant_epoch = freeze_quant_epoch
 
-    def before_train_epoch(self, runner):
-        model = unwrap(runner.model)
-        epoch = runner.epoch
-        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
-            for m in model.modules():
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        # every iteration: the train loop puts the whole model in training mode after
+        # before_train_epoch, and validation in between switches modes again
+        if self.freeze_bn_epoch is not None and runner.epoch >= self.freeze_bn_epoch:
+            for m in unwrap(runner.model).modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        if self.freeze_quant_epoch is not None and epoch >= self.freeze_quant_epoch:
+
+    def before_train_epoch(self, runner):
+        model = unwrap(runner.model)
+        if self.freeze_quant_epoch is not None and runner.epoch >= self.freeze_quant_epoch:
             for q in all_quantizers(model):
                 q.frozen = True
                 for p in q.parameters():

@@ -133,8 +133,10 @@ class SignActQuantizer(BinaryQuantizer):
         return approx_sign(x) if self.grad == 'approx' else sign_ste(x)
 
     def output_scale(self, x: torch.Tensor, layer):
-        """XNOR-Net's K for ``layer``'s output, or ``None`` (no scaling / not a 2-d conv)."""
-        if not self.scaling or not self.enabled or x.dim() != 4 or not hasattr(layer, 'kernel_size'):
+        """XNOR-Net's K for ``layer``'s output, or ``None`` (no scaling / not a 2-d conv / the
+        input passes through unquantized: disabled or observing)."""
+        if not self.scaling or not self.enabled or self.observing or x.dim() != 4 \
+                or not hasattr(layer, 'kernel_size'):
             return None
         a = x.abs().mean(1, keepdim=True)
         kh, kw = layer.kernel_size

@@ -54,7 +54,7 @@ class DoReFaWeightQuantizer(QATQuantizer):
         if self.bits == 1:
             return _SignMean.apply(w)
         t = torch.tanh(w)
-        t = t / (2 * t.abs().max().detach().clamp_min(1e-12)) + 0.5
+        t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
         q = 2 * quantize_k(t, self.bits) - 1
         return q * w.detach().abs().max() if self.rescale else q
 

@@ -26,10 +26,15 @@ def channel_view(x: torch.Tensor, ch_axis: Optional[int]) -> torch.Tensor:
 
 class TensorStats:
     """Per-channel running statistics of what a quantizer saw: mean |x|, mean x, mean x^2,
-    min, max and a bounded sample of values (for methods that fit levels to data)."""
+    min, max and a bounded sample of values (for methods that fit levels to data).
 
-    def __init__(self, ch_axis: Optional[int], sample_size: int = 1 << 15):
+    ``numel_per_item``: the elements that share one parameter per item seen, i.e. per sample of
+    a batch (``per_sample=True``, activations) or per channel row of the whole tensor (weights).
+    """
+
+    def __init__(self, ch_axis: Optional[int], sample_size: int = 1 << 15, per_sample: bool = False):
         self.ch_axis = ch_axis
+        self.per_sample = per_sample
         self.sample_size = sample_size
         self.reset()
 
@@ -55,7 +60,10 @@ class TensorStats:
             self.sq_sum += (v * v).sum(1)
             self.min, self.max = torch.minimum(self.min, v.min(1).values), torch.maximum(self.max, v.max(1).values)
         self.n += v.shape[1]
-        self.numel_per_item = x[0].numel() if self.ch_axis is None and x.dim() > 1 else x.numel() // max(v.shape[0], 1)
+        if self.per_sample and self.ch_axis is None and x.dim() > 1:
+            self.numel_per_item = x[0].numel()
+        else:
+            self.numel_per_item = x.numel() // max(v.shape[0], 1)
         step = max(1, v.shape[1] // self.sample_size)
         part = v[:, ::step][:, :self.sample_size]
         self.sample = part if self.sample is None else torch.cat([self.sample, part], 1)[:, -4 * self.sample_size:]
@@ -99,7 +107,7 @@ class QATQuantizer(nn.Module):
         self.register_buffer('signed', torch.tensor(True if signed is None else bool(signed)))
         self.register_buffer('calibrated', torch.tensor(False))
         self.register_buffer('bits_', torch.tensor(bits))
-        self.observer = TensorStats(ch_axis if self.per_channel else None)
+        self.observer = TensorStats(ch_axis if self.per_channel else None, per_sample=kind == 'act')
         self.observing = False
         self.enabled = True
         self.frozen = False     # no statistic-driven updates (LQ-Net's basis refit) once frozen

@@ -92,7 +92,7 @@ class LQNetQuantizer(QATQuantizer):
     def init_params(self, stats):
         v = stats.sample.to(self.basis)
         codes = self.codes(v)
-        powers = 2.0 ** torch.arange(self.bits, dtype=v.dtype)
+        powers = 2.0 ** torch.arange(self.bits, dtype=v.dtype, device=v.device)
         top = (codes.abs() @ powers).max()                     # 2^K - 1
         spread = v.abs().amax(1) if not bool(self.signed) else (stats.mean_abs() + 2 * stats.std()).to(v)
         basis = (spread / top)[:, None] * powers[None, :]
