@@ -135,3 +135,32 @@ def test_bitsplit_fits_every_layer_of_stock_models(tmp_path, name):
                                   'roi_head.mask_head.convs.0.conv', 'roi_head.mask_head.upsample')} == {'output'}
     with torch.no_grad():
         assert len(model.test_step(batch)) == len(batch['inputs'])
+
+
+@pytest.mark.parametrize('config,method,bits', [('fcos_r18_dorefa_w2a2.py', 'dorefa', 'w2a2'),
+                                                ('retinanet_r18_lsq_w4a4.py', 'lsq', 'w4a4')])
+def test_detector_qat_configs_build_and_train_a_step(config, method, bits):
+    """The ready detector QAT configs: the model builds through QuantizedModel with the method's
+    quantizers, the stem and prediction convs at 8 bits, and one training step updates the
+    learned quantizer parameters (FPN inputs are signed: their quantizers decide so)."""
+    from mmquant.engine.cli import apply_qat
+    cfg = apply_qat(Config.fromfile(osp.join(ROOT, 'configs', config)))
+    init_default_scope('mmdet')
+    model = MODELS.build(cfg.model)
+    report = model.mmquant_report
+    roles = {r.name: (r.w_bits, r.a_bits, r.role) for r in report.quantized}
+    assert roles['backbone.conv1'][:2] == (8, 8) and all(roles[n][:2] == (8, 8) for n in cfg.quant.last_layers)
+    w, a = int(bits[1]), int(bits[3])
+    assert roles['neck.fpn_convs.0.conv'][:2] == (w, a) and float_convs(model) == []
+    batch = det_batch()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    loss, _ = model.parse_losses(model(**model.data_preprocessor(batch, True), mode='loss'))
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    fpn_in = model.neck.fpn_convs[0].conv.input_quantizer
+    assert bool(fpn_in.calibrated) and bool(fpn_in.signed)   # lateral sums can be negative
+    if method == 'lsq':
+        assert fpn_in.step.grad is not None and torch.isfinite(fpn_in.step.grad).all()

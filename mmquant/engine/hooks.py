@@ -41,6 +41,13 @@ class QuantCalibrationHook(Hook):
         for _, layer in layers:
             if isinstance(layer.weight_quantizer, UniformQuantizer):
                 layer.weight_quantizer.dynamic = True
+        report = getattr(model, 'mmquant_report', None)
+        if report is not None:
+            qat = getattr(model, 'mmquant_qat', None)
+            what = f'{qat["method"]} {qat["bits"]}' if qat else 'fake-quant'
+            runner.logger.info(f'mmquant: {what}: {len(report.quantized)} layers quantized, '
+                               f'{len(report.kept_float)} kept float; first {report.first_layers}, '
+                               f'last {report.last_layers}')
         if all_calibrated(model):
             return
         batches = []

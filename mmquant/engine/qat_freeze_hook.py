@@ -22,7 +22,7 @@ class QATFreezeHook(Hook):
 
     def __init__(self, freeze_bn_epoch: Optional[int] = None, freeze_quant_epoch: Optional[int] = None):
         for name, v in (('freeze_bn_epoch', freeze_bn_epoch), ('freeze_quant_epoch', freeze_quant_epoch)):
-            if v is not None and (not isinstance(v, int) or v < 0):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f'{name}={v!r} must be a non-negative integer epoch or None')
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_quant_epoch = freeze_quant_epoch

@@ -67,7 +67,7 @@ def qat_qconfig(method: str, bits: str, qconfig=None) -> QConfig:
     user_default = dict(qconfig.pop('default', None) or {})
     user = QConfig.build(qconfig)
     w_bits, a_bits = parse_bits(bits, binary=True)
-    layer = dict(m.layer, w_bits=w_bits, a_bits=a_bits, **user_default)
+    layer = {**m.layer, 'w_bits': w_bits, 'a_bits': a_bits, **user_default}
     qc = QConfig.build(dict(default=layer, first_layer_bits=user.first_layer_bits,
                             last_layer_bits=user.last_layer_bits,
                             overrides={**m.overrides, **user.overrides}, skip=list(user.skip),
