@@ -1,9 +1,11 @@
 """Training step time of every QAT method against the float model, on this machine.
 
-One real training batch (the config's train pipeline), one process; for the float model and each
-``method:bits`` a fresh model is built from the config (QAT: ``QuantizedModel`` with that method),
-its quantizers initialised on the batch, then full SGD steps (data preprocessor, loss, backward,
-optimizer step) are timed. Prints the median step time and its ratio to the float step.
+One real training batch (the config's train pipeline), one process; the float model and one
+model per ``method:bits`` are built from the config (QAT: ``QuantizedModel`` with that method)
+and their quantizers initialised on the batch. Then full SGD steps (data preprocessor, loss,
+backward, optimizer step) are timed round-robin, one step of every model per round, so that a
+drift of the machine's speed (other jobs, clocks, the allocator) hits all models alike. Prints
+the median step time and its ratio to the float step.
 
     python benchmarks/qat_step_time.py configs/resnet18_fashionmnist.py --threads 2 --steps 10
 """
@@ -60,20 +62,22 @@ def check_methods(spec):
     return runs
 
 
-def time_steps(model, batch, steps, warmup):
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    times = []
-    for i in range(warmup + steps):
+class Stepper:
+    """One model and its optimizer; ``step()`` runs one training step and returns its seconds."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model.train(), batch
+        self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        self.times = []
+
+    def step(self) -> float:
         t = time.perf_counter()
-        data = model.data_preprocessor(batch, True)
-        loss, _ = model.parse_losses(model(**data, mode='loss'))
-        opt.zero_grad()
+        data = self.model.data_preprocessor(self.batch, True)
+        loss, _ = self.model.parse_losses(self.model(**data, mode='loss'))
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        self.opt.step()
+        return time.perf_counter() - t
 
 
 def main(argv=None):
@@ -88,14 +92,18 @@ def main(argv=None):
     loader_cfg = dict(cfg.train_dataloader, batch_size=args.batch, num_workers=0, persistent_workers=False)
     batch = next(iter(Runner.build_dataloader(loader_cfg)))
     torch.manual_seed(0)
-    base = time_steps(MODELS.build(cfg.model), batch, args.steps, args.warmup)
-    rows = [('float', '', base)]
-    print(f'float: {base:.3f} s/step', flush=True)
+    names = [('float', '')] + runs
+    steppers = [Stepper(MODELS.build(cfg.model), batch)]
     for method, bits in runs:
-        model = MODELS.build(dict(type='QuantizedModel', architecture=cfg.model, method=method, bits=bits))
-        t = time_steps(model, batch, args.steps, args.warmup)   # the first step initialises the quantizers
-        rows.append((method, bits, t))
-        print(f'{method} {bits}: {t:.3f} s/step ({t / base:.2f}x)', flush=True)
+        steppers.append(Stepper(MODELS.build(dict(type='QuantizedModel', architecture=cfg.model,
+                                                  method=method, bits=bits)), batch))
+    for r in range(args.warmup + args.steps):   # the first step initialises the quantizers
+        for s in steppers:
+            t = s.step()
+            if r >= args.warmup:
+                s.times.append(t)
+    base = statistics.median(steppers[0].times)
+    rows = [(m, b, statistics.median(s.times)) for (m, b), s in zip(names, steppers)]
     print(f'\nbatch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup}')
     print('| method | bits | step (s) | vs float |\n|---|---|---|---|')
     for method, bits, t in rows:

@@ -373,26 +373,14 @@ def test_freeze_hook_keeps_bn_statistics_and_quantizers_fixed(qat_env, scheme, q
 # ----------------------------------------------------------------------------------------------
 # 7. DDP through mmengine's pytorch launcher, 2 processes on the CPU (gloo)
 
-# mmengine 0.10.7's pytorch launcher assumes GPUs: ``init_dist`` calls ``torch.cuda.set_device``
-# (an error without an NVIDIA driver) and ``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]``
-# to DDP (an error for a CPU module). This shim turns both off, registers a probe that writes
-# every rank's quantizer state, then runs tools/train.py unchanged.
+# mmengine 0.10.7's pytorch launcher assumes GPUs; tools/train.py starts gloo itself and wraps the
+# model with CPUDistributedDataParallel when CUDA is absent (mmquant/engine/cpu_ddp.py). This shim
+# only registers a probe that writes every rank's quantizer state, then runs tools/train.py unchanged.
 DDP_SHIM = """
 import os, runpy, sys
 import torch
 from mmengine.hooks import Hook
-from mmengine.model.wrappers import MMDistributedDataParallel
 from mmengine.registry import HOOKS
-
-torch.cuda.set_device = lambda *args, **kwargs: None
-_init = MMDistributedDataParallel.__init__
-
-
-def _cpu_init(self, module, *args, device_ids=None, **kwargs):
-    _init(self, module, *args, device_ids=None, **kwargs)
-
-
-MMDistributedDataParallel.__init__ = _cpu_init
 
 
 @HOOKS.register_module()
@@ -433,8 +421,7 @@ def test_ddp_two_processes_gloo_broadcasts_the_calibration(qat_env, tmp_path):
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--monitor_interval', '0.1',
          '--master_addr', '127.0.0.1', '--master_port', str(free_port()),
-         str(shim), 'tools/train.py', cfg, '--launcher', 'pytorch', '--work-dir', str(work),
-         '--cfg-options', 'env_cfg.dist_cfg.backend=gloo'],
+         str(shim), 'tools/train.py', cfg, '--launcher', 'pytorch', '--work-dir', str(work)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = log_text(work)

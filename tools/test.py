@@ -16,6 +16,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
+from mmquant.engine.cpu_ddp import setup_cpu_distributed  # noqa: E402
 from mmquant.engine.cli import (add_common_args, apply_qat, check_file, fail, is_qat_config,  # noqa: E402
                                 load_config, quant_meta)
 
@@ -57,6 +58,10 @@ def quant_test_cfg(cfg, args):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
+    try:
+        setup_cpu_distributed(cfg)
+    except ValueError as e:
+        fail(str(e))
     check_file(args.checkpoint, 'checkpoint')
     qat = quant_meta(args.checkpoint, 'mmquant_qat')
     if qat is not None or (args.quant is None and is_qat_config(cfg)):

@@ -16,6 +16,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
+from mmquant.engine.cpu_ddp import setup_cpu_distributed  # noqa: E402
 from mmquant.engine.cli import add_common_args, apply_qat, fail, is_qat_config, load_config  # noqa: E402
 from mmquant.ptq import build_ptq  # noqa: E402
 from mmquant.qat import QAT_METHODS  # noqa: E402
@@ -44,6 +45,10 @@ def wrap_for_qat(cfg, method: str, bits: str):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
+    try:
+        setup_cpu_distributed(cfg)
+    except ValueError as e:
+        fail(str(e))
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')

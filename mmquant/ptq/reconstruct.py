@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..quantizers.functional import fake_quantize
+from ..quantizers.lsq import grad_scale
 from .adaround import AdaRoundWeight, BetaSchedule
 from .unit_cache import Stream
 
@@ -66,11 +67,6 @@ class ReconResult:
     seconds: float
 
 
-def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """``x`` in the forward pass, gradient multiplied by ``g`` in the backward pass."""
-    return (x - x * g).detach() + x * g
-
-
 class _AdaRoundQuant(nn.Module):
     """Stands in for a layer's weight quantizer: returns the AdaRound weight."""
 
@@ -98,7 +94,7 @@ class _LearnedStepQuant(nn.Module):
             return x
         qmin, qmax = q.qrange()
         g = 1.0 / math.sqrt(max(1, x[0].numel()) * max(1, qmax))
-        y = fake_quantize(x, _grad_scale(self.step, g), q.zero_point, qmin, qmax, q.scheme.ch_axis)
+        y = fake_quantize(x, grad_scale(self.step, g), q.zero_point, qmin, qmax, q.scheme.ch_axis)
         if self.drop and self.drop_prob > 0:
             keep = torch.rand(x.shape, generator=self.gen, device=x.device) < self.drop_prob
             y = torch.where(keep, x, y)

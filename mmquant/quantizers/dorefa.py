@@ -15,6 +15,55 @@ def quantize_k(x: torch.Tensor, bits: int) -> torch.Tensor:
     return round_ste(x * n) / n
 
 
+class _ClipQuantize(torch.autograd.Function):
+    """``quantize_k(clip(x, lo, 1))`` on ``[lo, 1]`` (lo = 0, or -1 for signed inputs) in one
+    function: gradient 1 strictly inside, 0 where clipped."""
+
+    @staticmethod
+    def forward(ctx, x, bits: int, lo: float):
+        n = (2 ** bits - 1) / (1.0 - lo)
+        ctx.save_for_backward(x)
+        ctx.lo = lo
+        y = x.clamp(lo, 1.0)
+        if lo:
+            return y.sub_(lo).mul_(n).round_().div_(n).add_(lo)
+        return y.mul_(n).round_().div_(n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad.masked_fill((x <= ctx.lo) | (x >= 1.0), 0), None, None
+
+
+class _TanhQuantize(torch.autograd.Function):
+    """DoReFa's k-bit weight ``2 quantize_k(tanh(w) / 2max|tanh w| + 1/2) - 1`` times ``scale``
+    in one function, straight through ``quantize_k``: the gradient is that of
+    ``scale tanh(w) / max|tanh w|`` (through the max too)."""
+
+    @staticmethod
+    def forward(ctx, w, bits: int, scale: float):
+        t = torch.tanh(w)
+        idx = t.abs().argmax()
+        m = t.reshape(-1)[idx].abs().clamp_min(1e-12)
+        ctx.save_for_backward(t, idx, m)
+        ctx.scale = scale
+        n = 2 ** bits - 1
+        # 2 round(n (t / 2m + 1/2)) / n - 1
+        return (t * (n / (2 * m)) + n / 2).round_().mul_(2 * scale / n).sub_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, idx, m = ctx.saved_tensors
+        dt = 1 - t * t                               # d tanh
+        gq = grad * (ctx.scale / m)                  # d(scale t / m) / dt at fixed m
+        grad_w = gq * dt
+        # through m = |t_idx|: d/dt_idx of (t / m) summed against grad = -sum(grad t) / m^2 sign(t_idx)
+        flat = grad_w.reshape(-1)
+        t_idx = t.reshape(-1)[idx]
+        flat[idx] = flat[idx] - (grad * t).sum() * ctx.scale / (m * m) * torch.sign(t_idx) * dt.reshape(-1)[idx]
+        return grad_w, None, None
+
+
 class _SignMean(torch.autograd.Function):
     """``E(|w|) * sign(w)`` forward, identity backward (DoReFa's 1-bit weights)."""
 
@@ -53,10 +102,8 @@ class DoReFaWeightQuantizer(QATQuantizer):
     def quantize(self, w):
         if self.bits == 1:
             return _SignMean.apply(w)
-        t = torch.tanh(w)
-        t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
-        q = 2 * quantize_k(t, self.bits) - 1
-        return q * w.detach().abs().max() if self.rescale else q
+        scale = float(w.detach().abs().max()) if self.rescale else 1.0
+        return _TanhQuantize.apply(w, self.bits, scale)
 
 
 class DoReFaActQuantizer(QATQuantizer):
@@ -77,6 +124,4 @@ class DoReFaActQuantizer(QATQuantizer):
         self.learned = False
 
     def quantize(self, x):
-        if bool(self.signed):
-            return 2 * quantize_k((torch.clamp(x, -1, 1) + 1) / 2, self.bits) - 1
-        return quantize_k(torch.clamp(x, 0, 1), self.bits)
+        return _ClipQuantize.apply(x, self.bits, -1.0 if bool(self.signed) else 0.0)

@@ -36,8 +36,9 @@ def qem_basis(v: torch.Tensor, index: torch.Tensor, codes: torch.Tensor, ridge: 
     ``B^T B = sum_l n_l b_l b_l^T`` and ``B^T x = sum_l (sum of x coded l) b_l``.
     """
     c, num_levels = v.shape[0], codes.shape[0]
-    counts = torch.zeros(c, num_levels, dtype=v.dtype, device=v.device).scatter_add_(1, index, torch.ones_like(v))
-    sums = torch.zeros(c, num_levels, dtype=v.dtype, device=v.device).scatter_add_(1, index, v)
+    flat = (index + num_levels * torch.arange(c, device=v.device)[:, None]).reshape(-1)
+    counts = torch.bincount(flat, minlength=c * num_levels).reshape(c, num_levels).to(v.dtype)
+    sums = torch.bincount(flat, weights=v.reshape(-1), minlength=c * num_levels).reshape(c, num_levels).to(v.dtype)
     outer = codes[:, :, None] * codes[:, None, :]               # [L, K, K]
     btb = torch.einsum('cl,lkj->ckj', counts, outer)
     btx = sums @ codes                                          # [C, K]
@@ -111,12 +112,16 @@ class LQNetQuantizer(QATQuantizer):
         self.basis.mul_(self.momentum).add_(target.to(self.basis), alpha=1 - self.momentum)
 
     def quantize(self, x):
-        if self.training and not self.frozen:
-            self.refit(x)
         v = self.rows(x)
-        q, _ = encode(v.detach(), self.basis, self.codes(v))
-        levels = self.basis @ self.codes(v).t()
+        codes = self.codes(v)
+        levels = self.basis @ codes.t()
         lo, hi = levels.min(1).values[:, None], levels.max(1).values[:, None]
+        q, index = encode(v.detach(), self.basis, codes)
+        if self.training and not self.frozen:
+            # the QEM step on the codes just chosen, for the next iteration (one encoding per step)
+            with torch.no_grad():
+                target = qem_basis(v.detach().float(), index, codes.float())
+                self.basis.mul_(self.momentum).add_(target.to(self.basis), alpha=1 - self.momentum)
         q = _Straight.apply(v, q.to(v.dtype), lo, hi)
         if self.per_channel:
             shape = list(x.transpose(0, self.ch_axis).shape)

@@ -3,7 +3,6 @@ import math
 
 import torch
 
-from .functional import round_ste
 from .learned import QATQuantizer
 
 
@@ -24,6 +23,29 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return _GradScale.apply(x, g)
 
 
+class _LSQ(torch.autograd.Function):
+    """LSQ's fake quantization with its gradients written out (fewer passes over the tensor than
+    the composed ops: the training step's overhead is mostly these element-wise passes)."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn: int, qp: int, g: float):
+        v = x / step
+        ctx.save_for_backward(v)
+        ctx.qn, ctx.qp, ctx.g, ctx.step_shape = qn, qp, g, step.shape
+        return v.clamp(-qn, qp).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, = ctx.saved_tensors
+        below, above = v < -ctx.qn, v > ctx.qp
+        inside = ~(below | above)
+        grad_x = grad * inside
+        # d y / d s: round(v) - v inside, -Qn below, Qp above
+        ds = torch.where(inside, v.round() - v, torch.where(below, float(-ctx.qn), float(ctx.qp))).mul_(grad)
+        grad_s = ds.sum() if len(ctx.step_shape) == 0 else ds.sum_to_size(ctx.step_shape)
+        return grad_x, grad_s.reshape(ctx.step_shape) * ctx.g, None, None, None
+
+
 def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
     """``round(clamp(x / s, -Qn, Qp)) * s`` with LSQ's gradients.
 
@@ -35,8 +57,7 @@ def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, g: 
     >>> y.sum().backward(); y.tolist(), round(float(s.grad), 4)
     ([0.5, 1.5, -2.0], -0.6)
     """
-    s = grad_scale(step, g)
-    return round_ste(torch.clamp(x / s, -qn, qp)) * s
+    return _LSQ.apply(x, step, qn, qp, g)
 
 
 class LSQQuantizer(QATQuantizer):

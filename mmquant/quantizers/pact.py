@@ -12,23 +12,26 @@ class _PACT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, levels: int, signed: bool):
-        lo = -alpha if signed else torch.zeros_like(alpha)
-        d = (alpha - lo) / levels
-        y = torch.round((torch.minimum(torch.maximum(x, lo), alpha) - lo) / d) * d + lo
-        ctx.save_for_backward(x, alpha)
-        ctx.signed = signed
-        return y
+        a = float(alpha)
+        lo = -a if signed else 0.0
+        d = (a - lo) / levels
+        ctx.save_for_backward(x)
+        ctx.a, ctx.signed, ctx.alpha_shape = a, signed, alpha.shape
+        y = x.clamp(lo, a)
+        if signed:
+            return y.sub_(lo).div_(d).round_().mul_(d).add_(lo)
+        return y.div_(d).round_().mul_(d)
 
     @staticmethod
     def backward(ctx, grad):
-        x, alpha = ctx.saved_tensors
-        above = x >= alpha
-        below = x <= -alpha if ctx.signed else x <= 0
+        x, = ctx.saved_tensors
+        above = x >= ctx.a
+        below = x <= (-ctx.a if ctx.signed else 0.0)
         grad_x = grad.masked_fill(above | below, 0)
-        grad_alpha = grad[above].sum()
+        grad_alpha = grad.masked_fill(~above, 0).sum()
         if ctx.signed:
-            grad_alpha = grad_alpha - grad[below].sum()
-        return grad_x, grad_alpha.reshape(alpha.shape), None, None
+            grad_alpha = grad_alpha - grad.masked_fill(~below, 0).sum()
+        return grad_x, grad_alpha.reshape(ctx.alpha_shape), None, None
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool = False) -> torch.Tensor:
