@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument('--metric', default=None,
                    help='metric key(s) to tabulate, comma-separated, e.g. coco/bbox_mAP,coco/segm_mAP '
                         '(default: the first metric); COCO mAPs are shown in percent')
+    p.add_argument('--qconfig', default=None, metavar='JSON',
+                   help='extra QConfig fields for every cell, e.g. '
+                        '\'{"overrides": {"backbone.layer1.0.conv1": {"a_bits": 8}}}\'')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     p.add_argument('--out', help='write all cells to this JSON file')
     p.add_argument('--no-float', action='store_true', help='skip the float row')
@@ -73,6 +76,22 @@ def parse_value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def parse_qconfig(text):
+    """``--qconfig`` JSON -> dict of QConfig fields (checked by building a QConfig)."""
+    if text is None:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--qconfig is not valid JSON ({e.msg}); expected e.g. '
+                         '{"overrides": {"backbone.layer1.0.conv1": {"a_bits": 8}}}')
+    if not isinstance(extra, dict):
+        raise ValueError('--qconfig must be a JSON object of QConfig fields')
+    from mmquant.qconfig import QConfig
+    QConfig.build(extra)
+    return extra
 
 
 def method_options(items) -> dict:
@@ -168,6 +187,7 @@ def main(argv=None):
         settings = [b.strip() for b in args.bits.split(',')]
         for b in settings:
             parse_bits(b)
+        extra_qconfig = parse_qconfig(args.qconfig)
     except ValueError as e:
         fail(str(e))
     check_file(args.config, 'config')
@@ -203,7 +223,7 @@ def main(argv=None):
     for bits in settings:
         for label, method, options, per_channel in columns:
             model = copy.deepcopy(float_model)
-            qconfig = dict(default=dict(w_per_channel=per_channel))
+            qconfig = dict(extra_qconfig, default=dict(extra_qconfig.get('default') or {}, w_per_channel=per_channel))
             ptq = build_ptq(method, qconfig, bits, **mm_method_options(method, float_model, options))
             report = ptq.convert(model, example_forward=lambda: tensor_forward(model, example))
             if not logged_layers:     # which layers are quantized, which stay float and why

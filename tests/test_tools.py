@@ -3,6 +3,7 @@ tools/test.py, reload the quantized checkpoint without calibrating, fake-quant t
 tools/train.py, config-only use through custom_imports, and the CLI's one-line errors."""
 import json
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,26 @@ def test_ptq_then_reload_without_calibration(float_run):
     fp = tmp / 'fp'
     run_tool('tools/test.py', cfg, ckpt, '--work-dir', str(fp), '--out-metrics', str(fp / 'm.json'))
     assert 'method' not in read(fp / 'm.json')
+
+
+def test_export_qdq_of_a_ptq_checkpoint_matches_in_onnxruntime(float_run):
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'export'
+    result = run_tool('tools/test.py', cfg, ckpt, '--quant', 'minmax', '--quant-bits', 'w4a8', '--calib-images', '32',
+                      '--work-dir', str(out), '--out-metrics', str(out / 'm.json'))
+    qckpt = read(out / 'm.json')['quantized_checkpoint']
+    onnx_path = out / 'model.onnx'
+    proc = run_tool('tools/export.py', cfg, qckpt, '--format', 'qdq', '--out', str(onnx_path), '--check-images', '64',
+                    '--work-dir', str(out / 'exp'))
+    assert onnx_path.is_file() and not list(out.glob('*.tmp'))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('onnxruntime vs PyTorch on 64 test images')]
+    assert line, proc.stdout[-2000:]
+    top1 = re.findall(r'([0-9.]+) \((?:onnxruntime|PyTorch)', line[0])
+    assert len(top1) == 2 and top1[0] == top1[1]        # the same predictions on every image
+    # a float checkpoint has nothing to export: one line
+    bad = run_tool('tools/export.py', cfg, ckpt, '--out', str(out / 'f.onnx'), check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith('error: ') and 'is a float checkpoint' in bad.stderr
+    assert bad.stderr.strip().count('\n') == 0 and result.returncode == 0
 
 
 def test_bitsplit_through_the_cli_with_method_options(float_run):
@@ -225,6 +246,7 @@ def test_ptq_table_benchmark_runs_every_cell_and_writes_json(float_run):
     (['--options', 'bitsplit.nosuch=4'], "error: unknown options ['nosuch'] for method 'bitsplit'"),
     (['--bits', 'w1'], "error: weight bits in 'w1'=1 is out of range"),
     (['--baseline', 'nosuch'], "error: unknown quantization method 'nosuch'"),
+    (['--qconfig', '{bad'], "error: --qconfig is not valid JSON"),
 ])
 def test_ptq_table_errors_are_one_line(args, message):
     proc = run_tool('benchmarks/ptq_table.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)

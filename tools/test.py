@@ -18,7 +18,7 @@ from mmengine.runner import Runner  # noqa: E402
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
 from mmquant.engine.cpu_ddp import setup_cpu_distributed  # noqa: E402
 from mmquant.engine.cli import (add_common_args, apply_qat, check_file, fail, is_qat_config,  # noqa: E402
-                                load_config, quant_meta)
+                                load_config, ptq_test_cfg, quant_meta)
 
 
 def parse_args(argv=None):
@@ -29,30 +29,6 @@ def parse_args(argv=None):
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision testing')
     add_common_args(parser, train=False)
     return parser.parse_args(argv)
-
-
-def quant_test_cfg(cfg, args):
-    """The ``PTQLoop`` settings from the flags, the config's ``test_cfg`` or the checkpoint's meta."""
-    meta = quant_meta(args.checkpoint)
-    loop = dict(cfg.get('test_cfg') or {})
-    if args.quant is not None:
-        loop = dict(type='PTQLoop', method=args.quant, bits=args.quant_bits or 'w8a8',
-                    qconfig=loop.get('qconfig') if loop.get('type') == 'PTQLoop' else None)
-    elif meta is not None:
-        loop = dict(type='PTQLoop', method=meta['method'], bits=meta['bits'])
-    elif cfg.get('quant'):
-        loop = dict(type='PTQLoop')
-    if loop.get('type') != 'PTQLoop':
-        return None
-    if meta is not None:
-        if args.quant is not None and (meta['method'], meta['bits']) != (loop['method'], loop['bits']):
-            fail(f'{args.checkpoint} was quantized by {meta["method"]} at {meta["bits"]}, not '
-                 f'{loop["method"]} at {loop.get("bits")}; drop --quant to evaluate it as it is')
-        loop.update(qconfig=meta['qconfig'], first_layers=meta['first_layers'],
-                    last_layers=meta['last_layers'])
-    if args.calib_images is not None:
-        loop['calib_images'] = args.calib_images
-    return loop
 
 
 def main(argv=None):
@@ -76,7 +52,7 @@ def main(argv=None):
         except ValueError as e:
             fail(str(e))
         cfg.test_cfg = dict(cfg.test_cfg) if cfg.get('test_cfg', {}).get('type') != 'PTQLoop' else dict()
-    loop = None if (qat is not None or is_qat_config(cfg)) else quant_test_cfg(cfg, args)
+    loop = None if (qat is not None or is_qat_config(cfg)) else ptq_test_cfg(cfg, args)
     if loop is not None:
         cfg.test_cfg = loop
     if args.amp:

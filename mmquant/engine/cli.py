@@ -134,3 +134,27 @@ def apply_qat(cfg, method=None, bits=None):
         paramwise['custom_keys'] = keys
         cfg.optim_wrapper.paramwise_cfg = paramwise
     return cfg
+
+
+def ptq_test_cfg(cfg, args):
+    """The ``PTQLoop`` settings from the flags, the config's ``test_cfg`` or the checkpoint's meta."""
+    meta = quant_meta(args.checkpoint)
+    loop = dict(cfg.get('test_cfg') or {})
+    if getattr(args, 'quant', None) is not None:
+        loop = dict(type='PTQLoop', method=args.quant, bits=args.quant_bits or 'w8a8',
+                    qconfig=loop.get('qconfig') if loop.get('type') == 'PTQLoop' else None)
+    elif meta is not None:
+        loop = dict(type='PTQLoop', method=meta['method'], bits=meta['bits'])
+    elif cfg.get('quant'):
+        loop = dict(type='PTQLoop')
+    if loop.get('type') != 'PTQLoop':
+        return None
+    if meta is not None:
+        if getattr(args, 'quant', None) is not None and (meta['method'], meta['bits']) != (loop['method'], loop['bits']):
+            fail(f'{args.checkpoint} was quantized by {meta["method"]} at {meta["bits"]}, not '
+                 f'{loop["method"]} at {loop.get("bits")}; drop --quant to evaluate it as it is')
+        loop.update(qconfig=meta['qconfig'], first_layers=meta['first_layers'],
+                    last_layers=meta['last_layers'])
+    if getattr(args, 'calib_images', None) is not None:
+        loop['calib_images'] = args.calib_images
+    return loop

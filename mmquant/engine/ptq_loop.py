@@ -166,6 +166,12 @@ class PTQLoop(TestLoop):
         return f'{self.method.name}_{self.method.qconfig.bits_tag()}'
 
     def run(self):
+        self.prepare()
+        return super().run()
+
+    def prepare(self):
+        """Convert the model, then restore its quantizers from the loaded checkpoint or calibrate
+        them (and save the quantized checkpoint): everything but the evaluation."""
         model = unwrap(self.runner.model)
         logger = self.runner.logger
         if not quant_layers(model):
@@ -175,7 +181,7 @@ class PTQLoop(TestLoop):
             logger.info(self.report.format())
         if not self._restore(model) and not all_calibrated(model):
             self._calibrate(model)
-        return super().run()
+        return model
 
     def _restore(self, model) -> bool:
         """Load calibrated quantizers from the runner's checkpoint, if it has them."""

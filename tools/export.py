@@ -1,0 +1,136 @@
+"""Export a quantized checkpoint of this project to ONNX and check it in onnxruntime.
+
+    python tools/export.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/minmax_w8a8.pth \\
+        --format qdq --out resnet18_w8a8.onnx --check-images 10000
+
+The checkpoint is one that ``tools/test.py --quant ...`` (post-training) or a QAT run wrote; its
+meta says how to rebuild the quantized model. The ONNX model takes the data preprocessor's output
+(normalised images, NCHW float, any batch size) and returns the head's tensor outputs (a
+classifier's logits). ``--check-images N`` runs N test images through onnxruntime and the PyTorch
+fake-quant model and reports the largest output difference and both top-1 accuracies.
+
+Formats: ``qdq`` (QuantizeLinear / DequantizeLinear around every quantized tensor; lower bit
+widths through Clip). The integer-only format is not built yet.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mmquant  # noqa: E402,F401
+from mmquant.convert import quant_layers  # noqa: E402
+from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
+                                quant_meta)
+from mmquant.engine.ptq_loop import unwrap  # noqa: E402
+from mmquant.export import QDQExportError, export_qdq  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config')
+    p.add_argument('checkpoint', help='a quantized checkpoint (tools/test.py --quant ..., or a QAT run)')
+    p.add_argument('--format', choices=['qdq'], default='qdq')
+    p.add_argument('--out', required=True, help='the .onnx file to write')
+    p.add_argument('--opset', type=int, default=17)
+    p.add_argument('--check-images', type=int, default=256, metavar='N',
+                   help='test images to compare onnxruntime with PyTorch on (0: no check)')
+    p.add_argument('--work-dir', default=None)
+    p.add_argument('--cfg-options', nargs='+', default=None)
+    p.add_argument('--launcher', default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    p.add_argument('--quant', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--quant-bits', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class TensorHead(nn.Module):
+    """The model from preprocessed input to its ``tensor``-mode outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, mode='tensor')
+
+
+def quantized_model(cfg, checkpoint):
+    """The quantized model a checkpoint describes, with its quantizers restored."""
+    qat = quant_meta(checkpoint, 'mmquant_qat')
+    ptq = quant_meta(checkpoint)
+    if qat is None and ptq is None:
+        fail(f'{checkpoint} is a float checkpoint: quantize it first (tools/test.py CONFIG CKPT --quant '
+             'METHOD --quant-bits wNaM writes a quantized one) or train with a QAT method')
+    cfg.load_from = checkpoint
+    if qat is not None:
+        cfg.quant = {k: qat[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+        apply_qat(cfg)
+        runner = Runner.from_cfg(cfg)
+        runner.load_or_resume()
+    else:
+        cfg.test_cfg = ptq_test_cfg(cfg, argparse.Namespace(checkpoint=checkpoint))
+        runner = Runner.from_cfg(cfg)
+        runner.load_or_resume()
+        runner.test_loop.prepare()
+    return unwrap(runner.model).eval(), runner
+
+
+def check(model, runner, path, n_images):
+    """Largest |onnxruntime - PyTorch| over ``n_images`` test images and both top-1s."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    seen, diff, right_ort, right_pt = 0, 0.0, 0, 0
+    for data in runner.test_dataloader:
+        data = model.data_preprocessor(data, False)
+        x = data['inputs'][:n_images - seen]
+        with torch.no_grad():
+            ref = model(x, mode='tensor')
+        out = session.run(None, {'input': x.numpy()})[0]
+        diff = max(diff, float(np.abs(out - ref.numpy()).max()))
+        labels = [int(s.gt_label) for s in data['data_samples'][:len(x)]] if 'gt_label' in data['data_samples'][0] else None
+        if labels is not None and out.ndim == 2:
+            labels = np.array(labels)
+            right_ort += int((out.argmax(1) == labels).sum())
+            right_pt += int((ref.numpy().argmax(1) == labels).sum())
+        seen += len(x)
+        if seen >= n_images:
+            break
+    return seen, diff, 100.0 * right_ort / seen, 100.0 * right_pt / seen
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    check_file(args.checkpoint, 'checkpoint')
+    out_dir = osp.dirname(osp.abspath(args.out))
+    if not osp.isdir(out_dir):
+        fail(f'--out directory {out_dir!r} does not exist')
+    model, runner = quantized_model(cfg, args.checkpoint)
+    if not quant_layers(model):
+        fail(f'{args.checkpoint} rebuilt no quantized layers')
+    example = model.data_preprocessor(next(iter(runner.test_dataloader)), False)['inputs'][:1]
+    try:
+        export_qdq(TensorHead(model), example, args.out, opset=args.opset)
+    except QDQExportError as e:
+        fail(str(e))
+    print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, format {args.format})')
+    result = dict(out=args.out)
+    if args.check_images > 0:
+        n, diff, top1_ort, top1_pt = check(model, runner, args.out, args.check_images)
+        print(f'onnxruntime vs PyTorch on {n} test images: max |diff| {diff:.3g}, '
+              f'top-1 {top1_ort:.2f} (onnxruntime) vs {top1_pt:.2f} (PyTorch fake-quant)')
+        result.update(images=n, max_diff=diff, top1_onnx=top1_ort, top1_torch=top1_pt)
+    return result
+
+
+if __name__ == '__main__':
+    main()
