@@ -252,3 +252,12 @@ def test_ptq_table_errors_are_one_line(args, message):
     proc = run_tool('benchmarks/ptq_table.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_onnx_latency_benchmark_times_fp32_and_exported_models(float_run, tmp_path):
+    tmp, cfg, ckpt = float_run
+    proc = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', '1,2', '--runs', '2', '--warmup', '1')
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith('| fp32 |')]
+    assert len(rows) == 1 and rows[0].count('1.00x') == 2
+    bad = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', 'one', check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch 'one': expected comma-separated integers, e.g. 1,32"
