@@ -1,7 +1,7 @@
 """Fake-quant primitives with straight-through gradients (torch only)."""
 from .binary import (BiRealWeightQuantizer, SignActQuantizer, XNORPPWeightQuantizer, XNORWeightQuantizer,
                      approx_sign, sign_ste)
-from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer, quantize_k
+from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from .functional import calc_qparams, dequantize, fake_quantize, quantize, round_ste
 from .learned import QATQuantizer
 from .lqnet import LQNetQuantizer
@@ -14,6 +14,6 @@ from .uniform import UniformQuantizer
 __all__ = ['QScheme', 'check_bits', 'MIN_BITS', 'MAX_BITS', 'UniformQuantizer', 'fake_quantize',
            'quantize', 'dequantize', 'calc_qparams', 'round_ste', 'QATQuantizer', 'LSQQuantizer',
            'lsq_fake_quantize', 'PACTQuantizer', 'pact_quantize', 'DoReFaWeightQuantizer',
-           'DoReFaActQuantizer', 'quantize_k', 'LQNetQuantizer', 'XNORWeightQuantizer',
+           'DoReFaActQuantizer', 'LQNetQuantizer', 'XNORWeightQuantizer',
            'XNORPPWeightQuantizer', 'BiRealWeightQuantizer', 'SignActQuantizer', 'sign_ste',
            'approx_sign', 'QUANTIZERS', 'build_quantizer', 'check_quantizer_bits', 'quantizer_class']

@@ -12,32 +12,22 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-class _SignSTE(torch.autograd.Function):
-    """sign forward; gradient 1 on |x| <= 1, else 0 (the clipped straight-through estimator)."""
+class _Sign(torch.autograd.Function):
+    """sign forward. Backward: the clipped straight-through estimator (1 on |x| <= 1, else 0),
+    or with ``approx`` Bi-Real Net's ApproxSign gradient ``2 - 2|x|`` on |x| < 1, else 0."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, approx: bool):
         ctx.save_for_backward(x)
+        ctx.approx = approx
         return _sign(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
-
-
-class _ApproxSign(torch.autograd.Function):
-    """sign forward; Bi-Real Net's ApproxSign gradient ``2 - 2|x|`` on |x| < 1, else 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _sign(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        return grad * (2 - 2 * x.abs()).clamp_min(0)
+        if ctx.approx:
+            return grad * (2 - 2 * x.abs()).clamp_min(0), None
+        return grad * (x.abs() <= 1).to(grad.dtype), None
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +35,7 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
     >>> y = sign_ste(x); y.sum().backward(); y.tolist(), x.grad.tolist()
     ([-1.0, -1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
     """
-    return _SignSTE.apply(x)
+    return _Sign.apply(x, False)
 
 
 def approx_sign(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +43,7 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
     >>> y = approx_sign(x); y.sum().backward(); y.tolist(), x.grad.tolist()
     ([-1.0, -1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 0.5])
     """
-    return _ApproxSign.apply(x)
+    return _Sign.apply(x, True)
 
 
 class BinaryQuantizer(QATQuantizer):

@@ -1,18 +1,8 @@
-"""DoReFa-Net quantizers (Zhou et al., 2016)."""
+"""DoReFa-Net quantizers (Zhou et al., 2016). The paper's ``quantize_k(x) = round((2^k - 1) x) /
+(2^k - 1)`` on [0, 1], straight-through, is the core of both."""
 import torch
 
-from .functional import round_ste
 from .learned import QATQuantizer
-
-
-def quantize_k(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa's ``quantize_k`` on [0, 1]: ``round((2^k - 1) x) / (2^k - 1)``, straight-through.
-
-    >>> quantize_k(torch.tensor([0.0, 0.2, 0.5, 1.0]), 2).tolist()
-    [0.0, 0.3333333432674408, 0.6666666865348816, 1.0]
-    """
-    n = 2 ** bits - 1
-    return round_ste(x * n) / n
 
 
 class _ClipQuantize(torch.autograd.Function):
