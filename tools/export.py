@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 import mmquant  # noqa: E402,F401
 from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
-                                quant_meta)
+                                quant_from_qat_meta, quant_meta)
 from mmquant.engine.ptq_loop import unwrap  # noqa: E402
 from mmquant.export import QDQExportError, export_qdq  # noqa: E402
 
@@ -72,7 +72,7 @@ def quantized_model(cfg, checkpoint):
              'METHOD --quant-bits wNaM writes a quantized one) or train with a QAT method')
     cfg.load_from = checkpoint
     if qat is not None:
-        cfg.quant = {k: qat[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+        cfg.quant = quant_from_qat_meta(qat)
         apply_qat(cfg)
         runner = Runner.from_cfg(cfg)
         runner.load_or_resume()

@@ -18,7 +18,7 @@ from mmengine.runner import Runner  # noqa: E402
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
 from mmquant.engine.cpu_ddp import setup_cpu_distributed  # noqa: E402
 from mmquant.engine.cli import (add_common_args, apply_qat, check_file, fail, is_qat_config,  # noqa: E402
-                                load_config, ptq_test_cfg, quant_meta)
+                                load_config, ptq_test_cfg, quant_from_qat_meta, quant_meta)
 
 
 def parse_args(argv=None):
@@ -46,7 +46,7 @@ def main(argv=None):
             fail(f'{args.checkpoint} was trained with {qat["method"]} at {qat["bits"]}; drop --quant '
                  'to evaluate it')
         if qat is not None:
-            cfg.quant = {k: qat[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+            cfg.quant = quant_from_qat_meta(qat)
         try:
             apply_qat(cfg)
         except ValueError as e:

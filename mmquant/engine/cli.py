@@ -99,6 +99,11 @@ _QAT_KEYS = {'method', 'bits', 'qconfig', 'branches', 'calib_batches', 'alpha_de
              'first_layers', 'last_layers'}
 
 
+def quant_from_qat_meta(meta: dict) -> dict:
+    """The ``quant`` config dict that rebuilds the model a QAT checkpoint's meta describes."""
+    return {k: meta[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+
+
 def is_qat_config(cfg) -> bool:
     return (cfg.get('quant') or {}).get('method') in QAT_METHODS
 
