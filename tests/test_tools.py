@@ -191,6 +191,13 @@ def test_cli_errors_are_one_line(args, message):
     assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr
 
 
+def test_qat_config_with_a_float_checkpoint_is_one_line(float_run):
+    _, _, ckpt = float_run
+    proc = run_tool('tools/test.py', 'configs/resnet18_fashionmnist_lsq_w4a4.py', ckpt, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count('\n') == 0
+    assert proc.stderr.startswith(f'error: {ckpt} is not a quantization-aware-trained checkpoint of lsq')
+
+
 def test_missing_checkpoint_is_one_line():
     proc = run_tool('tools/test.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', check=False)
     assert proc.returncode != 0 and proc.stderr.strip() == "error: checkpoint 'missing.pth' does not exist"

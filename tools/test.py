@@ -40,19 +40,21 @@ def main(argv=None):
         fail(str(e))
     check_file(args.checkpoint, 'checkpoint')
     qat = quant_meta(args.checkpoint, 'mmquant_qat')
-    if qat is not None or (args.quant is None and is_qat_config(cfg)):
+    if qat is None and args.quant is None and is_qat_config(cfg):
+        fail(f'{args.checkpoint} is not a quantization-aware-trained checkpoint of {cfg.quant["method"]}: '
+             f'train it first (tools/train.py {args.config}) and test what that writes')
+    if qat is not None:
         # a quantization-aware-trained model: rebuild it as trained, its checkpoint holds the rest
         if args.quant is not None:
             fail(f'{args.checkpoint} was trained with {qat["method"]} at {qat["bits"]}; drop --quant '
                  'to evaluate it')
-        if qat is not None:
-            cfg.quant = quant_from_qat_meta(qat)
+        cfg.quant = quant_from_qat_meta(qat)
         try:
             apply_qat(cfg)
         except ValueError as e:
             fail(str(e))
         cfg.test_cfg = dict(cfg.test_cfg) if cfg.get('test_cfg', {}).get('type') != 'PTQLoop' else dict()
-    loop = None if (qat is not None or is_qat_config(cfg)) else ptq_test_cfg(cfg, args)
+    loop = None if qat is not None else ptq_test_cfg(cfg, args)
     if loop is not None:
         cfg.test_cfg = loop
     if args.amp:
