@@ -25,6 +25,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 
+from mmquant.engine.ptq_loop import TensorMode  # noqa: E402
+
 
 def fail(msg):
     print(f'error: {msg}', file=sys.stderr)
@@ -60,18 +62,10 @@ def main(argv=None):
     loader = Runner.build_dataloader(dict(cfg.test_dataloader, num_workers=0, persistent_workers=False))
     example = model.data_preprocessor(next(iter(loader)), False)['inputs'][:1]
 
-    class Head(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x, mode='tensor')
-
     tmp = tempfile.mkdtemp()
     fp32 = osp.join(tmp, 'fp32.onnx')
     with torch.no_grad():
-        torch.onnx.export(Head(model), (example, ), fp32, opset_version=17, dynamo=False, input_names=['input'],
+        torch.onnx.export(TensorMode(model), (example, ), fp32, opset_version=17, dynamo=False, input_names=['input'],
                           output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads

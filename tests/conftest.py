@@ -26,3 +26,16 @@ def write_config(tmp_path, text, name='cfg.py'):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def randomise_bn(model, seed=0):
+    """Non-trivial BatchNorm statistics and affine parameters (a freshly built model has identity BNs)."""
+    import torch
+    from torch import nn
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)

@@ -5,23 +5,14 @@ from torch import nn
 
 from mmquant.fold_bn import find_conv_bn_pairs, fold_bn
 
+from conftest import randomise_bn
 from test_mm_models import CLASSIFIERS, DETECTORS, build, cls_batch, det_batch
 from mmquant.engine import tensor_forward
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def test_fold_resnet18_exactly_and_bn_becomes_identity(tmp_path):
     model = build(tmp_path, CLASSIFIERS['resnet18'], 'mmpretrain')
-    _randomise_bn(model)
+    randomise_bn(model, seed=0)
     batch = cls_batch(size=32)
     with torch.no_grad():
         ref = tensor_forward(model, batch)
@@ -56,7 +47,7 @@ class TwoUsers(nn.Module):
 def test_a_conv_output_with_two_users_is_refused_and_left_unchanged():
     torch.manual_seed(0)
     model = TwoUsers().eval()
-    _randomise_bn(model)
+    randomise_bn(model, seed=0)
     x = torch.randn(2, 3, 8, 8)
     w, b = model.conv.weight.detach().clone(), model.conv.bias.detach().clone()
     with torch.no_grad():

@@ -24,6 +24,8 @@ from mmquant.quantizers import (BiRealWeightQuantizer, DoReFaActQuantizer, DoReF
                                 pact_quantize, sign_ste)
 from mmquant.quantizers.lqnet import binary_codes, encode, qem_basis
 
+from conftest import randomise_bn
+
 
 def t(*values):
     return torch.tensor(values, dtype=torch.float32)
@@ -535,16 +537,6 @@ def _resnet18():
     return torchvision.models.resnet18(num_classes=10)
 
 
-def _randomise_norms(model):
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize('style', ['plain', 'bireal', 'groupnet'])
 def test_rewrite_resnet18_blocks_and_stem_relu(style):
     model = _resnet18()
@@ -561,7 +553,7 @@ def test_rewrite_resnet18_blocks_and_stem_relu(style):
 @pytest.mark.parametrize('style', ['plain', 'bireal'])
 def test_binary_block_forward_formula(style):
     model = _resnet18()
-    _randomise_norms(model)
+    randomise_bn(model, seed=3)
     rewrite_binary_blocks(model, style)
     model.eval()
     torch.manual_seed(1)
@@ -579,7 +571,7 @@ def test_binary_block_forward_formula(style):
 
 def test_groupnet_block_loads_a_float_block_into_every_branch():
     model = _resnet18()
-    _randomise_norms(model)
+    randomise_bn(model, seed=3)
     float_block = model.layer2[0]
     state = {k: v.clone() for k, v in float_block.state_dict().items()}
     g = GroupNetBlock(copy.deepcopy(float_block), branches=3)

@@ -24,13 +24,12 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from torch import nn  # noqa: E402
 
 import mmquant  # noqa: E402,F401
 from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
                                 quant_from_qat_meta, quant_meta)
-from mmquant.engine.ptq_loop import unwrap  # noqa: E402
+from mmquant.engine.ptq_loop import TensorMode, unwrap  # noqa: E402
 from mmquant.export import QDQExportError, export_qdq  # noqa: E402
 
 
@@ -50,17 +49,6 @@ def parse_args(argv=None):
     p.add_argument('--quant', default=None, help=argparse.SUPPRESS)
     p.add_argument('--quant-bits', default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-class TensorHead(nn.Module):
-    """The model from preprocessed input to its ``tensor``-mode outputs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x, mode='tensor')
 
 
 def quantized_model(cfg, checkpoint):
@@ -119,7 +107,7 @@ def main(argv=None):
         fail(f'{args.checkpoint} rebuilt no quantized layers')
     example = model.data_preprocessor(next(iter(runner.test_dataloader)), False)['inputs'][:1]
     try:
-        export_qdq(TensorHead(model), example, args.out, opset=args.opset)
+        export_qdq(TensorMode(model), example, args.out, opset=args.opset)
     except QDQExportError as e:
         fail(str(e))
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, format {args.format})')

@@ -76,6 +76,18 @@ def tensor_forward(model, data):
     return model(**data, mode='tensor')
 
 
+class TensorMode(torch.nn.Module):
+    """An OpenMMLab model as a plain module from preprocessed inputs to its ``tensor``-mode outputs
+    (what ONNX export traces)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, mode='tensor')
+
+
 def task_loss(model, data):
     """The training loss of a batch (data preprocessor in training mode, then the ``loss`` mode,
     summed as the model's ``parse_losses`` sums it): what brecq's Fisher loss differentiates."""
