@@ -3,14 +3,21 @@
     python tools/export.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/minmax_w8a8.pth \\
         --format qdq --out resnet18_w8a8.onnx --check-images 10000
 
+    python tools/export.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/minmax_w8a8.pth \\
+        --format int --out resnet18_w8a8_int.onnx --check-images 10000
+
 The checkpoint is one that ``tools/test.py --quant ...`` (post-training) or a QAT run wrote; its
 meta says how to rebuild the quantized model. The ONNX model takes the data preprocessor's output
 (normalised images, NCHW float, any batch size) and returns the head's tensor outputs (a
-classifier's logits). ``--check-images N`` runs N test images through onnxruntime and the PyTorch
-fake-quant model and reports the largest output difference and both top-1 accuracies.
+classifier's logits; a detector's head maps, with box decoding and NMS left to the caller).
+``--check-images N`` runs N test images through onnxruntime and the PyTorch fake-quant model and
+reports the largest output difference and both top-1 accuracies; for ``int`` it also runs the
+PyTorch integer simulator and counts the images whose onnxruntime output differs from it in any bit.
 
 Formats: ``qdq`` (QuantizeLinear / DequantizeLinear around every quantized tensor; lower bit
-widths through Clip). The integer-only format is not built yet.
+widths through Clip) and ``int`` (integer-only: ConvInteger / MatMulInteger, int32 biases,
+integer multiplier-and-shift requantisation, residual adds and pooling on integers; float only
+in the input QuantizeLinear and the output DequantizeLinear).
 """
 import argparse
 import os
@@ -30,14 +37,14 @@ from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
                                 quant_from_qat_meta, quant_meta)
 from mmquant.engine.ptq_loop import TensorMode, unwrap  # noqa: E402
-from mmquant.export import QDQExportError, export_qdq  # noqa: E402
+from mmquant.export import IntegerSimulator, QDQExportError, export_int, export_qdq  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('config')
     p.add_argument('checkpoint', help='a quantized checkpoint (tools/test.py --quant ..., or a QAT run)')
-    p.add_argument('--format', choices=['qdq'], default='qdq')
+    p.add_argument('--format', choices=['qdq', 'int'], default='qdq')
     p.add_argument('--out', required=True, help='the .onnx file to write')
     p.add_argument('--opset', type=int, default=17)
     p.add_argument('--check-images', type=int, default=256, metavar='N',
@@ -72,18 +79,28 @@ def quantized_model(cfg, checkpoint):
     return unwrap(runner.model).eval(), runner
 
 
-def check(model, runner, path, n_images):
-    """Largest |onnxruntime - PyTorch| over ``n_images`` test images and both top-1s."""
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def check(model, runner, path, n_images, simulate=False):
+    """Largest |onnxruntime - PyTorch| over ``n_images`` test images, both top-1s, and (with
+    ``simulate``) the images on which onnxruntime and the integer simulator differ."""
+    import onnx
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-    seen, diff, right_ort, right_pt = 0, 0.0, 0, 0
+    sim = IntegerSimulator(onnx.load(path)) if simulate else None
+    seen, diff, right_ort, right_pt, mismatched = 0, 0.0, 0, 0, 0
     for data in runner.test_dataloader:
         data = model.data_preprocessor(data, False)
         x = data['inputs'][:n_images - seen]
         with torch.no_grad():
-            ref = model(x, mode='tensor')
+            ref = _first(model(x, mode='tensor'))
         out = session.run(None, {'input': x.numpy()})[0]
         diff = max(diff, float(np.abs(out - ref.numpy()).max()))
+        if sim is not None:
+            s = _first(sim(x)).numpy()
+            mismatched += int((s.reshape(len(x), -1) != out.reshape(len(x), -1)).any(1).sum())
         labels = [int(s.gt_label) for s in data['data_samples'][:len(x)]] if 'gt_label' in data['data_samples'][0] else None
         if labels is not None and out.ndim == 2:
             labels = np.array(labels)
@@ -92,7 +109,7 @@ def check(model, runner, path, n_images):
         seen += len(x)
         if seen >= n_images:
             break
-    return seen, diff, 100.0 * right_ort / seen, 100.0 * right_pt / seen
+    return seen, diff, 100.0 * right_ort / seen, 100.0 * right_pt / seen, mismatched
 
 
 def main(argv=None):
@@ -107,16 +124,20 @@ def main(argv=None):
         fail(f'{args.checkpoint} rebuilt no quantized layers')
     example = model.data_preprocessor(next(iter(runner.test_dataloader)), False)['inputs'][:1]
     try:
-        export_qdq(TensorMode(model), example, args.out, opset=args.opset)
+        (export_int if args.format == 'int' else export_qdq)(TensorMode(model), example, args.out, opset=args.opset)
     except QDQExportError as e:
         fail(str(e))
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, format {args.format})')
     result = dict(out=args.out)
     if args.check_images > 0:
-        n, diff, top1_ort, top1_pt = check(model, runner, args.out, args.check_images)
+        n, diff, top1_ort, top1_pt, mismatched = check(model, runner, args.out, args.check_images,
+                                                       simulate=args.format == 'int')
         print(f'onnxruntime vs PyTorch on {n} test images: max |diff| {diff:.3g}, '
               f'top-1 {top1_ort:.2f} (onnxruntime) vs {top1_pt:.2f} (PyTorch fake-quant)')
-        result.update(images=n, max_diff=diff, top1_onnx=top1_ort, top1_torch=top1_pt)
+        if args.format == 'int':
+            print(f'onnxruntime vs the PyTorch integer simulator: {n - mismatched} of {n} images bit-identical')
+        result.update(images=n, max_diff=diff, top1_onnx=top1_ort, top1_torch=top1_pt,
+                      sim_mismatched=mismatched if args.format == 'int' else None)
     return result
 
 

@@ -160,6 +160,8 @@ def ptq_test_cfg(cfg, args):
                  f'{loop["method"]} at {loop.get("bits")}; drop --quant to evaluate it as it is')
         loop.update(qconfig=meta['qconfig'], first_layers=meta['first_layers'],
                     last_layers=meta['last_layers'])
+        if 'fold_bn' in meta:      # rebuild the model the quantizers were calibrated on
+            loop['options'] = dict(fold_bn=meta['fold_bn'])
     if getattr(args, 'calib_images', None) is not None:
         loop['calib_images'] = args.calib_images
     return loop

@@ -254,7 +254,7 @@ class PTQLoop(TestLoop):
         report = self.report
         meta = dict(mmquant=dict(
             method=self.method.name, bits=self.method.qconfig.bits_tag(),
-            qconfig=self.method.qconfig.to_dict(),
+            qconfig=self.method.qconfig.to_dict(), fold_bn=bool(self.method.fold_bn),
             first_layers=report.first_layers if report else None,
             last_layers=report.last_layers if report else None))
         if getattr(self.method, 'mixed_bits', None):      # the searched bits, to rebuild the grids on load

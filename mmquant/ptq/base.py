@@ -1,12 +1,15 @@
 """The contract of a post-training quantization method, and the registry of methods by name."""
+import logging
 from typing import Callable, Dict, Iterable, Optional
 
 from torch import nn
 
 from ..convert import ConversionReport, convert
+from ..fold_bn import fold_bn
 from ..qconfig import QConfig
 
 PTQ_METHODS: Dict[str, type] = {}
+logger = logging.getLogger('mmquant')
 
 
 def register_ptq(name: str):
@@ -33,6 +36,7 @@ class PTQMethod:
     """
     name = 'base'
     layer_defaults: dict = {}
+    fold_bn = False     # fold each BatchNorm into the conv before it, before converting
 
     def __init__(self, qconfig=None, bits: Optional[str] = None):
         cfg = qconfig.to_dict() if isinstance(qconfig, QConfig) else dict(qconfig or {})
@@ -41,8 +45,15 @@ class PTQMethod:
 
     def convert(self, model: nn.Module, example_forward: Optional[Callable] = None,
                 io_layers=None) -> ConversionReport:
-        """Swap the model's layers for quantized twins (see :func:`mmquant.convert.convert`);
-        methods that rewrite the float model first (BRECQ folds BatchNorm) do it here."""
+        """Swap the model's layers for quantized twins (see :func:`mmquant.convert.convert`),
+        after folding BatchNorm into the convs when ``fold_bn`` is set (then the quantized
+        weights are the folded ones an integer kernel runs, and an exported graph has no
+        BatchNormalization between a convolution and the next quantizer)."""
+        if self.fold_bn:
+            if example_forward is None:
+                raise ValueError(f'{self.name}: folding BatchNorm needs an example forward pass (or fold_bn=False)')
+            pairs = fold_bn(model, example_forward)
+            logger.info('mmquant %s: folded %d BatchNorm layers into their convs', self.name, len(pairs))
         return convert(model, self.qconfig, example_forward, io_layers=io_layers)
 
     def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,

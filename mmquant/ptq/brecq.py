@@ -25,7 +25,6 @@ from torch import nn
 from ..calibrate import calibrate as observe_ranges
 from ..calibrate import disabled
 from ..convert import all_quantizers, quant_layers
-from ..fold_bn import fold_bn
 from ..quantizers.scheme import check_bits
 from .base import PTQMethod, register_ptq
 from .blocks import Unit, find_units
@@ -113,14 +112,6 @@ class BRECQPTQ(PTQMethod):
                                  drop_prob=float(drop_prob), early_stop=bool(early_stop), seed=int(seed))
         self.blocks = list(blocks) if blocks else None
         self.local_targets = [str(p) for p in local_targets or ()]
-
-    def convert(self, model: nn.Module, example_forward: Optional[Callable] = None, io_layers=None):
-        if self.fold_bn:
-            if example_forward is None:
-                raise ValueError('brecq: folding BatchNorm needs an example forward pass (or fold_bn=False)')
-            pairs = fold_bn(model, example_forward)
-            logger.info('mmquant brecq: folded %d BatchNorm layers into their convs', len(pairs))
-        return super().convert(model, example_forward, io_layers)
 
     def calibrate(self, model: nn.Module, batches, forward_fn: Optional[Callable] = None,
                   progress=None, loss_fn: Optional[Callable] = None) -> List[BRECQRecord]:

@@ -9,6 +9,12 @@ from .base import PTQMethod, register_ptq
 
 
 class ObserverPTQ(PTQMethod):
+    """``fold_bn=True`` folds BatchNorm into the convs first (deployment toolchains do; the
+    default keeps the float BatchNorm after each quantized conv, as the tables were measured)."""
+
+    def __init__(self, qconfig=None, bits=None, fold_bn: bool = False):
+        super().__init__(qconfig, bits)
+        self.fold_bn = bool(fold_bn)
 
     def calibrate(self, model, batches, forward_fn=None, progress=None, loss_fn=None):
         return calibrate(model, batches, forward_fn, progress)

@@ -1,0 +1,148 @@
+"""Integer-only ONNX export: the requantisation arithmetic against closed forms, the op census
+(no float between the input QuantizeLinear and the output DequantizeLinear), onnxruntime against
+the PyTorch integer simulator bit for bit, and both against the fake-quant model."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from mmquant import quantize
+from mmquant.export import IntegerSimulator, IntExportError, export_int, op_census
+from mmquant.export.int_graph import requant_params
+from mmquant.qat import prepare_qat
+
+
+class ResNetLike(nn.Module):
+    """Stem (conv, BN, ReLU, max-pool), one residual block, global pool, linear: every op the
+    integer lowering has a rule for."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        for bn in (self.bn1, self.bn2, self.bn3):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        y = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(y)) + x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def run_ort(path, x):
+    return ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {'input': x.numpy()})[0]
+
+
+def quantized(bits='w8a8', per_channel=True, size=12, **kw):
+    model = ResNetLike()
+    batches = [torch.randn(8, 3, size, size) for _ in range(2)]
+    quantize(model, batches, 'minmax', bits, qconfig=dict(default=dict(w_per_channel=per_channel),
+                                                          first_layer_bits=None, last_layer_bits=None), **kw)
+    return model, batches
+
+
+@pytest.mark.parametrize('ratio', [0.3, 1.7e-4, 3.0, 0.999999])
+def test_requant_multiplier_and_shift(ratio):
+    m, n = requant_params(np.array([ratio]))
+    assert 0 < m[0] < 2 ** 31 and abs(m[0] / 2 ** n - ratio) <= 2.0 ** -n
+    x = np.arange(-100000, 100000, 37, dtype=np.int64)
+    y = (x * m[0] + (1 << (n - 1))) >> n                        # what the graph computes
+    exact = x * ratio
+    assert np.abs(y - exact).max() <= 0.5 + 1e-6 * np.abs(exact).max()
+
+
+def test_power_of_two_ratios_are_shifts():
+    m, n = requant_params(np.array([2.0 ** -7, 2.0 ** -3, 2.0 ** 2]))
+    assert m.tolist() == [1, 16, 512] and n == 7               # one shift, power-of-two factors
+    m, n = requant_params(np.array([-0.5]))
+    assert m.tolist() == [-1] and n == 1
+
+
+@pytest.mark.parametrize('bits, per_channel', [('w8a8', True), ('w8a8', False), ('w4a4', True)])
+def test_integer_graph_matches_simulator_bit_for_bit(tmp_path, bits, per_channel):
+    model, batches = quantized(bits, per_channel)
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    graph = onnx.load(path)
+    # float only where the graph starts and ends
+    assert op_census(graph) == {'QuantizeLinear': [graph.graph.node[0].name],
+                                'DequantizeLinear': [graph.graph.node[-2].name],
+                                'Identity': [graph.graph.node[-1].name]}
+    ops = {n.op_type for n in graph.graph.node}
+    assert {'ConvInteger', 'MatMulInteger', 'BitShift'} <= ops and not ops & {'Conv', 'BatchNormalization', 'Gemm'}
+    x = torch.randn(16, 3, 12, 12)
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    # integer rounding of biases / BatchNorm and the fine residual grid move a few codes by one step
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_folded_batchnorm_model_exports(tmp_path):
+    model, batches = quantized('w8a8', fold_bn=True)
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    x = torch.randn(8, 3, 12, 12)
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_power_of_two_grids_requantise_by_shifts_only(tmp_path):
+    # BatchNorm folded, every scale rounded to a power of two (a fixed-point model), and an 8x8
+    # input so that the global pool averages 4x4 = 2^4 values
+    model, batches = quantized('w8a8', per_channel=True, size=8, fold_bn=True)
+    for m in model.modules():
+        for q in (getattr(m, 'weight_quantizer', None), getattr(m, 'input_quantizer', None)):
+            if q is not None:
+                q.scale.copy_(2.0 ** torch.round(torch.log2(q.scale)))
+                q.zero_point.zero_()
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    graph = onnx.load(path)
+    mults = [onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.startswith('mult')]
+    for m in mults:
+        v = np.abs(m.astype(np.float64))
+        assert np.all(np.exp2(np.round(np.log2(v))) == v)
+    assert mults
+    x = torch.randn(8, 3, 8, 8)
+    np.testing.assert_array_equal(run_ort(path, x), IntegerSimulator(graph)(x).numpy())
+
+
+def test_lsq_qat_model_exports(tmp_path):
+    model = ResNetLike()
+    prepare_qat(model, 'lsq', 'w4a4', qconfig=dict(first_layer_bits=None, last_layer_bits=None))
+    x = torch.randn(8, 3, 12, 12)
+    model.train()
+    model(x)
+    model.eval()
+    path = export_int(model, x, str(tmp_path / 'int.onnx'))
+    np.testing.assert_array_equal(run_ort(path, x), IntegerSimulator(onnx.load(path))(x).numpy())
+
+
+def test_weight_only_model_is_refused_with_the_node(tmp_path):
+    model, batches = quantized('w4')
+    with pytest.raises(IntExportError, match='not quantized'):
+        export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    assert not list(tmp_path.iterdir())
+
+
+def test_affine_weights_are_refused(tmp_path):
+    model = ResNetLike()
+    batches = [torch.randn(8, 3, 12, 12)]
+    quantize(model, batches, 'minmax', 'w8a8', qconfig=dict(default=dict(w_symmetric=False)))
+    with pytest.raises(IntExportError, match='symmetric'):
+        export_int(model, batches[0], str(tmp_path / 'int.onnx'))
