@@ -69,7 +69,7 @@ def test_power_of_two_ratios_are_shifts():
     assert m.tolist() == [-1] and n == 1
 
 
-@pytest.mark.parametrize('bits, per_channel', [('w8a8', True), ('w8a8', False), ('w4a4', True)])
+@pytest.mark.parametrize('bits, per_channel', [('w8a8', True), ('w8a8', False), ('w4a4', True), ('w2a2', True)])
 def test_integer_graph_matches_simulator_bit_for_bit(tmp_path, bits, per_channel):
     model, batches = quantized(bits, per_channel)
     path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
@@ -85,9 +85,9 @@ def test_integer_graph_matches_simulator_bit_for_bit(tmp_path, bits, per_channel
     np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
     with torch.no_grad():
         ref = model(x).numpy()
-    # integer rounding of biases / BatchNorm and the fine residual grid move a few codes by one step
-    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
-    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    # the integer arithmetic lands on the fake-quant model's codes (bias and BatchNorm are added
+    # below one output step, residual sums kept to 2^-30 of their range)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     assert not list(tmp_path.glob('*.tmp'))
 
 
@@ -99,7 +99,7 @@ def test_folded_batchnorm_model_exports(tmp_path):
     np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
     with torch.no_grad():
         ref = model(x).numpy()
-    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
 def test_power_of_two_grids_requantise_by_shifts_only(tmp_path):

@@ -7,18 +7,23 @@ an integer:
 
 * a quantized activation is a ``uint8`` code tensor with its scale and zero point (signed grids
   move their zero point up by 128, which is the same grid);
-* a convolution / ``Gemm`` becomes ``ConvInteger`` / ``MatMulInteger`` (``uint8`` x ``int8``,
-  ``int32`` accumulation) plus an ``int32`` bias; its result is an ``int32`` tensor with one real
-  scale per output channel ``s_x * s_w[c]``;
-* BatchNorm on such a tensor is absorbed into its per-channel scale and an ``int32`` bias;
+* a convolution / ``Gemm`` becomes ``ConvInteger`` / ``MatMulInteger`` (``uint8`` codes, the
+  weights' int8 codes stored with zero point 128, ``int32`` accumulation); its result is an
+  ``int32`` tensor with one real scale per output channel ``s_x * s_w[c]`` and a per-channel bias;
+* BatchNorm on such a tensor is absorbed into its per-channel scale and bias;
+* the bias is added as an integer inside the next requantisation, in its 64-bit domain (units of
+  ``2^-n`` output steps), not at the accumulator scale: at 4 bits the accumulator step
+  ``s_x * s_w`` is coarse, and an ``int32`` bias rounded to it moved 0.4% of the codes after the
+  first residual block of ResNet-18 (and 0.2 points of top-1) against the fake-quant model;
 * ReLU is remembered and applied at the next requantisation (as the clamp's lower bound);
 * a residual add, max-pool, global average pool or reshape works on an ``int32`` tensor with one
   power-of-two scale ``t`` chosen from a worst-case bound of the values (so ``int32`` never
   overflows while keeping about 30 bits of precision);
-* requantisation from one scale to another is ``y = (x * m + 2^(n-1)) >> n`` in ``int64``
-  (:func:`requant_params` picks the integer multiplier ``m`` and shift ``n``); where the ratio
-  of the scales is a power of two (fixed-point models such as F8Net) ``m`` is a power of two and
-  the requantisation is shifts only.
+* requantisation from one scale to another is ``y = ((x * m + B_lo + 2^(n-1)) >> n) + B_hi + zp``
+  in ``int64``, then a clamp (:func:`requant_params` picks the integer multiplier ``m`` and
+  shift ``n``; ``B_hi * 2^n + B_lo`` is the bias); where the ratio of the scales is a power of
+  two (fixed-point models such as F8Net) ``m`` is a power of two and the requantisation is
+  shifts only.
 
 Nothing here runs the model: the grids, weights and BatchNorm statistics are the graph's
 constants. :mod:`.int_sim` executes the resulting graph in PyTorch for bit-exact checks.
@@ -34,7 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .qdq import QDQExportError
 
 ACC_BITS = 30          # the wide int32 tensors use |x| < 2^30
-MULT_BITS = 31         # requantisation multipliers are < 2^31, so |x * m| < 2^62 in int64
+MULT_BITS = 30         # requantisation multipliers are < 2^30, so |x * m| < 2^61 in int64
+MAX_SHIFT = 60         # x * m + 2^62 + (bias and rounding < 2^61) stays below 2^63
 
 
 class IntExportError(QDQExportError):
@@ -53,12 +59,14 @@ class Codes:
 
 @dataclass
 class Acc:
-    """An int32 tensor: real value = scale[c] * x along axis 1 (or one scale); ``bound``: the
-    largest |real value| it can hold; ``relu``: a ReLU still to apply."""
+    """An int32 tensor: real value = scale[c] * x + bias[c] along axis 1 (or one scale, no bias);
+    ``bound``: the largest |real value| it can hold; ``relu``: a ReLU still to apply. The bias
+    (real units) and the ReLU are applied by the next requantisation."""
     name: str
     scale: np.ndarray
     bound: float
     relu: bool = False
+    bias: Optional[np.ndarray] = None
 
     @property
     def per_tensor(self) -> bool:
@@ -91,7 +99,7 @@ def requant_params(ratio: np.ndarray) -> Tuple[np.ndarray, int]:
     >>> m, n = requant_params(np.array([0.25, 0.5])); m.tolist(), n
     ([1, 2], 2)
     >>> m, n = requant_params(np.array([0.3])); int(m[0]), n, abs(int(m[0]) / 2 ** n - 0.3) < 1e-9
-    (1288490189, 32, True)
+    (644245094, 31, True)
     """
     ratio = np.asarray(ratio, dtype=np.float64)
     if np.any(ratio == 0) or not np.all(np.isfinite(ratio)):
@@ -103,8 +111,8 @@ def requant_params(ratio: np.ndarray) -> Tuple[np.ndarray, int]:
         return (np.sign(ratio) * np.exp2(e + n)).astype(np.int64), n
     n = MULT_BITS - int(exp.max())
     m = np.round(ratio * 2.0 ** n).astype(np.int64)
-    if n < 0 or n > 62:
-        raise IntExportError(f'requantisation ratio {np.abs(ratio).max():.3g} needs a shift of {n} bits (0..62)')
+    if n < 0 or n > MAX_SHIFT:
+        raise IntExportError(f'requantisation ratio {np.abs(ratio).max():.3g} needs a shift of {n} bits (0..{MAX_SHIFT})')
     return m, n
 
 
@@ -184,24 +192,31 @@ class IntegerLowering:
                         'this layer left unquantized? integer export needs every conv / linear input quantized)')
 
     def requant(self, a: Acc, scale: float, zp: int, lo: int, hi: int, rank: int, out_type: int) -> str:
-        """``clip(round(a * a.scale / scale) + zp, lo, hi)`` as integer ops, cast to ``out_type``;
-        a pending ReLU raises ``lo`` to ``zp``."""
+        """``clip(round((a.scale * a + a.bias) / scale) + zp, lo, hi)`` as integer ops, cast to
+        ``out_type``; a pending ReLU raises ``lo`` to ``zp``."""
         g = self.g
         if a.relu:
             lo = max(lo, zp)
         m, n = requant_params(a.scale / scale)
+        bias = np.zeros(1) if a.bias is None else a.bias.astype(np.float64) / scale   # output steps
+        b_hi = np.floor(bias)
+        b_lo = np.round((bias - b_hi) * 2.0 ** n)             # in [0, 2^n]: the bias below one step
         x = g.op('Cast', [a.name], 'i64', to=TensorProto.INT64)
         if not (m.size == 1 and int(m.reshape(-1)[0]) == 1):
             x = g.op('Mul', [x, g.const(_channel_shape(m, rank), 'mult')], 'mul')
+        post = b_hi.astype(np.int64) + zp
         if n > 0:
-            k = 1 << (62 - n)                    # offset that makes x non-negative for the shift
-            x = g.op('Add', [x, g.const(np.int64((1 << (n - 1)) + (k << n)), 'round')], 'add_round')
+            # floor((v + 2^(n-1)) / 2^n) as a logical shift of v + 2^62 (non-negative), minus 2^(62-n)
+            pre = b_lo.astype(np.int64) + (1 << (n - 1)) + (1 << 62)
+            x = g.op('Add', [x, g.const(_channel_shape(pre, rank), 'round')], 'add_round')
             x = g.op('Cast', [x], 'u64', to=TensorProto.UINT64)
             x = g.op('BitShift', [x, g.const(np.uint64(n), 'shift')], 'shr', direction='RIGHT')
             x = g.op('Cast', [x], 'i64', to=TensorProto.INT64)
-            x = g.op('Sub', [x, g.const(np.int64(k), 'offset')], 'sub_offset')
-        if zp:
-            x = g.op('Add', [x, g.const(np.int64(zp), 'zp')], 'add_zp')
+            post = post - (1 << (62 - n))
+        else:
+            post = post + b_lo.astype(np.int64)
+        if np.any(post != 0):
+            x = g.op('Add', [x, g.const(_channel_shape(post, rank), 'offset')], 'add_offset')
         x = g.op('Clip', [x, g.const(np.int64(lo), 'lo'), g.const(np.int64(hi), 'hi')], 'clip')
         return g.op('Cast', [x], 'cast', to=out_type)
 
@@ -210,7 +225,7 @@ class IntegerLowering:
         own) in ``2^ACC_BITS``, ReLU applied."""
         bound = a.bound if bound is None else bound
         t = 2.0 ** (pow2_at_least(bound) - ACC_BITS)
-        if a.per_tensor and float(a.scale) == t and not a.relu:
+        if a.per_tensor and float(a.scale) == t and not a.relu and a.bias is None:
             return a
         name = self.requant(a, t, 0, -(1 << 31), (1 << 31) - 1, rank, TensorProto.INT32)
         return Acc(name, np.array(t), a.bound)
@@ -302,16 +317,6 @@ class IntegerLowering:
             self.fail(node, 'weight codes outside int8')
         return w
 
-    def _bias(self, node, acc_scale, b, rank, name):
-        bound_extra = 0.0
-        if b is not None:
-            codes = np.round(b.astype(np.float64) / acc_scale)
-            if np.abs(codes).max() >= 2 ** 31:
-                self.fail(node, 'bias does not fit int32 at the accumulator scale')
-            name = self.g.op('Add', [name, self.g.const(_channel_shape(codes.astype(np.int32), rank), 'bias')], 'add_bias')
-            bound_extra = np.abs(b)
-        return name, bound_extra
-
     def op_Conv(self, node, ins):
         x = ins[0]
         if not isinstance(x, Codes):
@@ -326,9 +331,8 @@ class IntegerLowering:
         scale = x.scale * s_w
         amax = max(abs(x.lo - x.zp), abs(x.hi - x.zp))
         bound = scale * np.abs(w.codes.reshape(w.codes.shape[0], -1)).sum(1) * amax
-        b = ins[2] if len(ins) > 2 else None
-        name, extra = self._bias(node, scale, b, 4, name)
-        self.vals[node.output[0]] = Acc(name, scale, float((bound + extra).max()))
+        b = ins[2].astype(np.float64) if len(ins) > 2 and ins[2] is not None else None
+        self.vals[node.output[0]] = Acc(name, scale, float((bound + (0 if b is None else np.abs(b))).max()), bias=b)
 
     def op_Gemm(self, node, ins):
         x = ins[0]
@@ -346,9 +350,8 @@ class IntegerLowering:
         s_w = w.scale.reshape(-1) if w.scale.size > 1 else np.full(n_out, float(w.scale))
         scale = x.scale * s_w
         bound = scale * np.abs(codes).sum(0) * max(abs(x.lo - x.zp), abs(x.hi - x.zp))
-        b = ins[2] if len(ins) > 2 else None
-        name, extra = self._bias(node, scale, b, 2, name)
-        self.vals[node.output[0]] = Acc(name, scale, float((bound + extra).max()))
+        b = ins[2].astype(np.float64) if len(ins) > 2 and ins[2] is not None else None
+        self.vals[node.output[0]] = Acc(name, scale, float((bound + (0 if b is None else np.abs(b))).max()), bias=b)
 
     def op_BatchNormalization(self, node, ins):
         a = ins[0]
@@ -361,19 +364,15 @@ class IntegerLowering:
         if np.any(np.abs(mul) < 1e-12):
             self.fail(node, 'a BatchNorm channel with gamma = 0 has no integer scale; fold BatchNorm '
                             'into the weights before quantizing')
-        rank = self.rank(node.input[0])
-        if a.relu or a.per_tensor:
-            a = Acc(a.name, np.broadcast_to(a.scale, mul.shape).copy(), a.bound, a.relu)
-            if a.relu:
-                a = self.widen(a, rank)
-                a = Acc(a.name, np.full(mul.shape, float(a.scale)), a.bound)
-        scale = a.scale * mul
-        name, extra = self._bias(node, scale, add, rank, a.name)
-        self.vals[node.output[0]] = Acc(name, scale, float((a.bound * np.abs(mul) + extra).max()))
+        if a.relu:          # ReLU before BatchNorm: apply it first
+            a = self.widen(a, self.rank(node.input[0]))
+        scale = np.broadcast_to(a.scale, mul.shape) * mul
+        bias = add if a.bias is None else a.bias * mul + add
+        self.vals[node.output[0]] = Acc(a.name, scale, float((a.bound * np.abs(mul) + np.abs(add)).max()), bias=bias)
 
     def op_Relu(self, node, ins):
         a = self.to_acc(ins[0], node)
-        self.vals[node.output[0]] = Acc(a.name, a.scale, a.bound, True)
+        self.vals[node.output[0]] = Acc(a.name, a.scale, a.bound, True, a.bias)
 
     def op_Add(self, node, ins):
         if any(isinstance(v, np.ndarray) for v in ins):
@@ -442,7 +441,7 @@ class IntegerLowering:
                 x = self.g.op('DequantizeLinear', [v.name, self.g.const(np.float32(v.scale), 'scale'),
                                                    self.g.const(np.uint8(v.zp), 'zp')], 'dq')
             elif isinstance(v, Acc):
-                if v.relu:
+                if v.relu or v.bias is not None:
                     v = self.widen(v, rank)
                 kw = {} if v.per_tensor else {'axis': 1}
                 x = self.g.op('DequantizeLinear', [v.name, self.g.const(v.scale.astype(np.float32).reshape(-1 if v.scale.size > 1 else ()), 'scale')],
