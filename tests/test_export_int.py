@@ -146,3 +146,19 @@ def test_affine_weights_are_refused(tmp_path):
     quantize(model, batches, 'minmax', 'w8a8', qconfig=dict(default=dict(w_symmetric=False)))
     with pytest.raises(IntExportError, match='symmetric'):
         export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+
+
+def test_convolution_on_a_1x1_map_becomes_one_matmul(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1)).eval()
+    batches = [torch.randn(16, 3, 1, 1)]
+    quantize(model, batches, 'minmax', 'w8a8', qconfig=dict(default=dict(w_per_channel=True)))
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    graph = onnx.load(path)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count('MatMulInteger') == 2 and 'ConvInteger' not in ops      # the 1x1 conv too
+    x = torch.randn(5, 3, 1, 1)
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5, rtol=0)

@@ -36,7 +36,7 @@ import mmquant  # noqa: E402,F401
 from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
                                 quant_from_qat_meta, quant_meta)
-from mmquant.engine.ptq_loop import TensorMode, unwrap  # noqa: E402
+from mmquant.engine.ptq_loop import TensorMode, flatten_outputs, unwrap  # noqa: E402
 from mmquant.export import IntegerSimulator, QDQExportError, export_int, export_qdq  # noqa: E402
 
 
@@ -79,36 +79,40 @@ def quantized_model(cfg, checkpoint):
     return unwrap(runner.model).eval(), runner
 
 
-def _first(out):
-    return out[0] if isinstance(out, (list, tuple)) else out
-
-
 def check(model, runner, path, n_images, simulate=False):
-    """Largest |onnxruntime - PyTorch| over ``n_images`` test images, both top-1s, and (with
-    ``simulate``) the images on which onnxruntime and the integer simulator differ."""
+    """Over ``n_images`` test images: the largest |onnxruntime - PyTorch| over every output, both
+    top-1s (classifiers), and (with ``simulate``) the images on which onnxruntime and the integer
+    simulator differ in any output bit."""
     import onnx
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     sim = IntegerSimulator(onnx.load(path)) if simulate else None
-    seen, diff, right_ort, right_pt, mismatched = 0, 0.0, 0, 0, 0
+    seen, diff, right_ort, right_pt, mismatched, classified = 0, 0.0, 0, 0, 0, False
     for data in runner.test_dataloader:
         data = model.data_preprocessor(data, False)
         x = data['inputs'][:n_images - seen]
         with torch.no_grad():
-            ref = _first(model(x, mode='tensor'))
-        out = session.run(None, {'input': x.numpy()})[0]
-        diff = max(diff, float(np.abs(out - ref.numpy()).max()))
+            ref = flatten_outputs(model(x, mode='tensor'))
+        ref = [ref] if torch.is_tensor(ref) else list(ref)
+        out = session.run(None, {'input': x.numpy()})
+        diff = max([diff] + [float(np.abs(o - r.numpy()).max()) for o, r in zip(out, ref)])
         if sim is not None:
-            s = _first(sim(x)).numpy()
-            mismatched += int((s.reshape(len(x), -1) != out.reshape(len(x), -1)).any(1).sum())
-        labels = [int(s.gt_label) for s in data['data_samples'][:len(x)]] if 'gt_label' in data['data_samples'][0] else None
-        if labels is not None and out.ndim == 2:
-            labels = np.array(labels)
-            right_ort += int((out.argmax(1) == labels).sum())
-            right_pt += int((ref.numpy().argmax(1) == labels).sum())
+            s = sim(x)
+            s = [s] if torch.is_tensor(s) else s
+            differs = np.zeros(len(x), bool)
+            for o, t in zip(out, s):
+                differs |= (t.numpy().reshape(len(x), -1) != o.reshape(len(x), -1)).any(1)
+            mismatched += int(differs.sum())
+        samples = data['data_samples'][:len(x)]
+        if len(out) == 1 and out[0].ndim == 2 and 'gt_label' in samples[0]:
+            labels, classified = np.array([int(s.gt_label) for s in samples]), True
+            right_ort += int((out[0].argmax(1) == labels).sum())
+            right_pt += int((ref[0].numpy().argmax(1) == labels).sum())
         seen += len(x)
         if seen >= n_images:
             break
+    if not classified:
+        return seen, diff, None, None, mismatched
     return seen, diff, 100.0 * right_ort / seen, 100.0 * right_pt / seen, mismatched
 
 
@@ -132,8 +136,8 @@ def main(argv=None):
     if args.check_images > 0:
         n, diff, top1_ort, top1_pt, mismatched = check(model, runner, args.out, args.check_images,
                                                        simulate=args.format == 'int')
-        print(f'onnxruntime vs PyTorch on {n} test images: max |diff| {diff:.3g}, '
-              f'top-1 {top1_ort:.2f} (onnxruntime) vs {top1_pt:.2f} (PyTorch fake-quant)')
+        top1 = '' if top1_ort is None else f', top-1 {top1_ort:.2f} (onnxruntime) vs {top1_pt:.2f} (PyTorch fake-quant)'
+        print(f'onnxruntime vs PyTorch on {n} test images: max |diff| {diff:.3g} over all outputs{top1}')
         if args.format == 'int':
             print(f'onnxruntime vs the PyTorch integer simulator: {n - mismatched} of {n} images bit-identical')
         result.update(images=n, max_diff=diff, top1_onnx=top1_ort, top1_torch=top1_pt,

@@ -85,7 +85,19 @@ class TensorMode(torch.nn.Module):
         self.model = model
 
     def forward(self, x):
-        return self.model(x, mode='tensor')
+        return flatten_outputs(self.model(x, mode='tensor'))
+
+
+def flatten_outputs(out):
+    """A model's nested tuple / list outputs (a detector's per-level maps) as one flat tuple; a
+    single tensor stays a tensor."""
+    if torch.is_tensor(out):
+        return out
+    flat = []
+    for o in out:
+        f = flatten_outputs(o)
+        flat.extend([f] if torch.is_tensor(f) else f)
+    return tuple(flat)
 
 
 def task_loss(model, data):

@@ -323,9 +323,20 @@ class IntegerLowering:
             self.fail(node, 'the convolution input is not quantized')
         w = self._weight(node, ins[1], 'convolution')
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        name = self.g.op('ConvInteger', [x.name, self.g.const(_u8_codes(w.codes), 'w'),
-                                         self.g.const(np.uint8(x.zp), 'x_zp'), self.g.const(np.uint8(128), 'w_zp')],
-                         'conv', **attrs)
+        tap = _single_tap(attrs, self.shapes.get(node.input[0]), self.shapes.get(node.output[0]))
+        if tap is not None:
+            # a 1x1 input and output (ResNet-18's last stage at 28x28): one kernel tap meets data,
+            # the rest meet padding (= the zero point); onnxruntime's ConvInteger runs one GEMV
+            # per image, re-reading the weights each time, so this is one MatMulInteger over the batch
+            n_in = w.codes.shape[1]
+            flat = self.g.op('Reshape', [x.name, self.g.const(np.array([-1, n_in], np.int64), 'shape')], 'flat')
+            mm = self.g.op('MatMulInteger', [flat, self.g.const(_u8_codes(np.ascontiguousarray(w.codes[:, :, tap[0], tap[1]].T)), 'w'),
+                                             self.g.const(np.uint8(x.zp), 'x_zp'), self.g.const(np.uint8(128), 'w_zp')], 'matmul')
+            name = self.g.op('Reshape', [mm, self.g.const(np.array([-1, w.codes.shape[0], 1, 1], np.int64), 'shape')], 'unflat')
+        else:
+            name = self.g.op('ConvInteger', [x.name, self.g.const(_u8_codes(w.codes), 'w'),
+                                             self.g.const(np.uint8(x.zp), 'x_zp'), self.g.const(np.uint8(128), 'w_zp')],
+                             'conv', **attrs)
         s_w = np.broadcast_to(w.scale.reshape(-1), (w.codes.shape[0], )) if w.scale.size > 1 else \
             np.full(w.codes.shape[0], float(w.scale))
         scale = x.scale * s_w
@@ -459,6 +470,22 @@ class IntegerLowering:
         model.ir_version = self.src.ir_version
         onnx.checker.check_model(model)
         return model
+
+
+def _single_tap(attrs: dict, in_shape, out_shape):
+    """``(i, j)``, the one kernel tap of a convolution whose input and output are 1x1 (every other
+    tap reads padding), or ``None``."""
+    if not in_shape or not out_shape or len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    if in_shape[2:] != [1, 1] or out_shape[2:] != [1, 1] or attrs.get('group', 1) != 1:
+        return None
+    if any(d != 1 for d in attrs.get('dilations', [1, 1])):
+        return None
+    pads = attrs.get('pads', [0, 0, 0, 0])
+    k = attrs.get('kernel_shape')
+    if k is None or pads[0] >= k[0] or pads[1] >= k[1]:
+        return None
+    return pads[0], pads[1]
 
 
 def _u8_codes(codes: np.ndarray) -> np.ndarray:
