@@ -45,10 +45,11 @@ def all_calibrated(model: nn.Module) -> bool:
 
 
 def calibrate_weights(model: nn.Module):
-    """Fit every weight quantizer to its weight (trained quantizers only initialise: what they
-    learned is never overwritten)."""
+    """Fit every weight quantizer to the tensor it rounds: the weight, or the BN-folded weight of
+    a conv that owns its BatchNorm. Trained quantizers only initialise: what they learned is
+    never overwritten."""
     for _, layer in quant_layers(model):
-        layer.weight_quantizer.fit(layer.weight)
+        layer.weight_quantizer.fit(layer.weight_to_quantize().detach())
 
 
 def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
@@ -57,7 +58,8 @@ def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable
     saw no data (their layer never ran) and so stay float.
 
     Activation ranges are observed on the float network (weights unquantized), as TF-Lite and
-    TensorRT calibrate; then the weights are calibrated from their values.
+    TensorRT calibrate; then the weights are calibrated from their values (after the activations:
+    an input quantizer may scale the weight it multiplies, as F8Net's PACT does).
 
     ``forward_fn(model, batch)`` runs the model on one batch (default ``model(batch)``).
     """
@@ -73,13 +75,13 @@ def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable
             if progress is not None:
                 progress(i + 1, len(batches))
     model.train(was_training)
-    calibrate_weights(model)
     unseen = []
     for name, q in act:
         if q.observer.seen:
             q.compute_qparams()
         else:
             unseen.append(name)
+    calibrate_weights(model)
     if unseen:
         logger.warning('mmquant: %d activation quantizers saw no calibration data and stay float: %s',
                        len(unseen), ', '.join(unseen))

@@ -57,9 +57,12 @@ class ConversionReport:
     kept_float: List[LayerRecord] = field(default_factory=list)
     first_layers: List[str] = field(default_factory=list)
     last_layers: List[str] = field(default_factory=list)
+    fused: List[Tuple[str, str]] = field(default_factory=list)     # (conv, BatchNorm) folded while training
 
     def format(self) -> str:
         lines = [f'mmquant: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept float']
+        if self.fused:
+            lines[0] += f'; {len(self.fused)} convs fold their BatchNorm'
         for r in self.quantized:
             a = 'float' if r.a_bits is None else f'a{r.a_bits}'
             lines.append(f'  q  {r.name:<60s} {r.type:<8s} w{r.w_bits} {a:<5s} {r.role}')

@@ -11,6 +11,7 @@ conv returned follows that conv. The BatchNorm becomes ``nn.Identity`` (so mmcv'
 bias if it had none. The model's output on the example is compared before and after; a conv
 whose output also feeds something other than its BatchNorm would change it, and is refused.
 """
+import contextlib
 from typing import Callable, List, Tuple
 
 import torch
@@ -45,6 +46,19 @@ def find_conv_bn_pairs(model: nn.Module, example_forward: Callable[[], object]) 
     return pairs
 
 
+@contextlib.contextmanager
+def full_precision():
+    """Within the block CUDA convolutions and matmuls run in full float32: with TF32 (the
+    default for cuDNN convolutions on Ampere and later) the outputs compared before and after a
+    rewrite differ by about 3e-4 relative with nothing wrong."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _set(model: nn.Module, name: str, module: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -57,39 +71,44 @@ def fold_bn(model: nn.Module, example_forward: Callable[[], object], atol: float
     was_training = model.training
     model.eval()
     try:
-        pairs = find_conv_bn_pairs(model, example_forward)
-        if not pairs:
-            return []
-        before = example_forward()
-        mods = dict(model.named_modules())
-        undo = [(mods[c], mods[c].weight.detach().clone(),
-                 None if mods[c].bias is None else mods[c].bias.detach().clone(), b, mods[b]) for c, b in pairs]
-        for conv_name, bn_name in pairs:
-            conv, bn = mods[conv_name], mods[bn_name]
-            g = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
-            beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.weight.mul_(g.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
-            new_bias = (bias - bn.running_mean) * g + beta
-            if conv.bias is None:
-                conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
-            else:
-                conv.bias.copy_(new_bias)
-            _set(model, bn_name, nn.Identity())
-        after = example_forward()
-        try:
-            _check_same(before, after, atol)
-        except RuntimeError:                       # leave the model as it was
-            for conv, w, b, bn_name, bn in undo:
-                conv.weight.copy_(w)
-                if b is None:
-                    conv.bias = None
-                else:
-                    conv.bias.copy_(b)
-                _set(model, bn_name, bn)
-            raise
+        with full_precision():
+            return _fold(model, example_forward, atol)
     finally:
         model.train(was_training)
+
+
+def _fold(model, example_forward, atol):
+    pairs = find_conv_bn_pairs(model, example_forward)
+    if not pairs:
+        return []
+    before = example_forward()
+    mods = dict(model.named_modules())
+    undo = [(mods[c], mods[c].weight.detach().clone(),
+             None if mods[c].bias is None else mods[c].bias.detach().clone(), b, mods[b]) for c, b in pairs]
+    for conv_name, bn_name in pairs:
+        conv, bn = mods[conv_name], mods[bn_name]
+        g = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(g.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+        new_bias = (bias - bn.running_mean) * g + beta
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias)
+        _set(model, bn_name, nn.Identity())
+    after = example_forward()
+    try:
+        _check_same(before, after, atol)
+    except RuntimeError:                       # leave the model as it was
+        for conv, w, b, bn_name, bn in undo:
+            conv.weight.copy_(w)
+            if b is None:
+                conv.bias = None
+            else:
+                conv.bias.copy_(b)
+            _set(model, bn_name, bn)
+        raise
     return pairs
 
 

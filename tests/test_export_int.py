@@ -162,3 +162,36 @@ def test_convolution_on_a_1x1_map_becomes_one_matmul(tmp_path):
     np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
     with torch.no_grad():
         np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5, rtol=0)
+
+
+def test_f8net_post_training_model_requantises_by_shifts_only(tmp_path):
+    # F8Net's fixed-point grids: every scale a power of two; the global pool averages 2^4 values
+    model = ResNetLike()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    quantize(model, batches, 'f8net', 'w8a8', qconfig=dict(first_layer_bits=None, last_layer_bits=None))
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    graph = onnx.load(path)
+    mults = [np.abs(onnx.numpy_helper.to_array(t).astype(np.float64)) for t in graph.graph.initializer
+             if t.name.startswith('mult')]
+    assert all(np.all(np.exp2(np.round(np.log2(m))) == m) for m in mults)
+    x = torch.randn(8, 3, 8, 8)
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5, rtol=0)
+
+
+def test_f8net_qat_model_with_pact_clipping_exports(tmp_path):
+    model = ResNetLike()
+    example = torch.randn(8, 3, 12, 12)
+    prepare_qat(model, 'f8net', 'w8a8', example_forward=lambda: model(example))
+    model.train()
+    model(example)
+    model.eval()
+    path = export_int(model, example, str(tmp_path / 'int.onnx'))
+    x = torch.randn(8, 3, 12, 12)
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)

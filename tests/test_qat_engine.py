@@ -240,6 +240,31 @@ def test_resume_restores_quantizers_exactly_without_recalibration(qat_run, schem
         assert runner.message_hub.get_scalar('val/accuracy/top1').current() == run['top1']
 
 
+def test_train_f8net_scheme_config_folds_bn_and_test_tool_rebuilds_it(qat_env, qat_run, tmp_path):
+    """F8Net through the tools: the float checkpoint loads into the BN-fused model (the BatchNorms
+    keep their keys), training moves BN statistics and clip levels, the checkpoint's fixed-point
+    grids are integers FLs, and tools/test.py rebuilds the model and reproduces the validation;
+    the PTQ tiny fine-tune runs from the float checkpoint through ``--quant f8net``."""
+    run = qat_run('f8net_w8a8')
+    assert 'f8net w8a8: 21 layers quantized, 0 kept float; 20 convs fold their BatchNorm' in run['log']
+    ckpt = load(run['work'] / 'iter_2.pth')
+    assert ckpt['meta']['mmquant_qat']['method'] == 'f8net'
+    state, start, float_state = ckpt['state_dict'], run['probe'].start, load(qat_env['float_ckpt'])['state_dict']
+    assert_same(start, float_state, list(float_state))                 # every float key loaded
+    assert not torch.equal(start['backbone.layer1.0.bn1.running_mean'], state['backbone.layer1.0.bn1.running_mean'])
+    alpha = 'backbone.layer1.0.conv1.input_quantizer.alpha'
+    assert not torch.equal(start[alpha], state[alpha])
+    assert 'backbone.layer1.1.conv1.input_quantizer.alpha' not in state    # shares layer1.0.conv1's
+    for key in ('backbone.layer1.0.conv1.weight_quantizer.frac_len', 'head.fc.input_quantizer.frac_len'):
+        assert state[key].dtype == torch.long
+    result = evaluate(run['cfg'], run['work'] / 'iter_2.pth', tmp_path / 'test')
+    assert result['metrics']['accuracy/top1'] == run['top1']
+    ptq = evaluate(qat_env['float_cfg'], qat_env['float_ckpt'], tmp_path / 'ptq', '--quant', 'f8net',
+                   '--calib-images', '32')
+    assert ptq['method'] == 'f8net' and ptq['bits'] == 'w8a8' and 0 <= ptq['metrics']['accuracy/top1'] <= 100
+    assert '20 convs fold their BatchNorm' in log_text(tmp_path / 'ptq')
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. tools/test.py on a QAT checkpoint
 
@@ -313,6 +338,7 @@ def test_groupnet_two_branches_each_get_the_float_block(qat_env):
 @pytest.mark.parametrize('scheme, key, decay', [
     ('lsq_w4a4', 'quantizer.step', 0.0),           # LSQ: no decay on the steps
     ('pact_w4a4', 'input_quantizer.alpha', 5e-4),  # PACT: L2 on the clip level, the base decay
+    ('f8net_w8a8', 'input_quantizer.alpha', 5e-4),  # F8Net's PACT clip levels (one per residual stream)
     ('groupnet_w1a1', '.lambdas', 0.0),
 ])
 def test_quantizer_parameters_get_their_weight_decay(qat_env, scheme, key, decay):
@@ -450,7 +476,7 @@ CLI_ERRORS = [
     (['--quant', 'xnor', '--quant-bits', 'w2a2'],
      'error: w_bits=2 is out of range for the xnor quantizer: it is 1-bit only'),
     (['--quant', 'nosuchmethod'], "error: unknown quantization method 'nosuchmethod'; accepted for training: "
-                                  'bireal, dorefa, groupnet, lqnet, lsq, pact, xnor, xnorpp (QAT)'),
+                                  'bireal, dorefa, f8net, groupnet, lqnet, lsq, pact, xnor, xnorpp (QAT)'),
 ]
 
 

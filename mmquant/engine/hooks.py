@@ -45,8 +45,9 @@ class QuantCalibrationHook(Hook):
         if report is not None:
             qat = getattr(model, 'mmquant_qat', None)
             what = f'{qat["method"]} {qat["bits"]}' if qat else 'fake-quant'
+            fused = f'; {len(report.fused)} convs fold their BatchNorm' if report.fused else ''
             runner.logger.info(f'mmquant: {what}: {len(report.quantized)} layers quantized, '
-                               f'{len(report.kept_float)} kept float; first {report.first_layers}, '
+                               f'{len(report.kept_float)} kept float{fused}; first {report.first_layers}, '
                                f'last {report.last_layers}')
         if all_calibrated(model):
             return

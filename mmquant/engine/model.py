@@ -9,11 +9,32 @@ architecture plus the quantizer buffers.
 """
 from typing import Optional, Sequence
 
+import torch
 from mmengine.registry import MODELS
+from torch import nn
 
 from ..convert import convert
 from ..qat import QAT_METHODS, prepare_qat
 from ..qconfig import QConfig
+
+
+def probe_forward(model, size: int = 64):
+    """A no-argument forward of ``model`` (``tensor`` mode) on a fixed random batch of one
+    ``size`` x ``size`` image with the first conv's input channels: what a build-time rewrite
+    (F8Net's conv -> BatchNorm pairs) traces, before any data is at hand."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 3
+    x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        p = next(model.parameters(), None)
+        try:
+            return model(x if p is None else x.to(p.device), mode='tensor')
+        except Exception as e:       # e.g. a two-stage detector's tensor mode needs data samples
+            raise ValueError(f'the tensor-mode forward of {type(model).__name__} on a random {size}x{size} '
+                             f'image (to trace it at build time) failed: {type(e).__name__}: '
+                             f'{str(e).splitlines()[0] if str(e) else ""}') from None
+    return forward
 
 
 @MODELS.register_module(name='QuantizedModel')
@@ -28,8 +49,9 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     the architecture unless it has its own.
 
     ``method``: a QAT method (``dorefa``, ``pact``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
-    ``bireal``, ``groupnet``): its quantizers and block rewrite, under ``qconfig``; ``branches``
-    is Group-Net's K."""
+    ``bireal``, ``groupnet``, ``f8net``): its quantizers and block rewrite, under ``qconfig``;
+    ``branches`` is Group-Net's K. F8Net's conv -> BatchNorm fusion traces the model once on a
+    random 64 x 64 image (:func:`probe_forward`)."""
     if kwargs:
         raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
                         'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor, '
@@ -43,7 +65,9 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
         if method not in QAT_METHODS:
             raise ValueError(f'QuantizedModel method {method!r} is not a QAT method; accepted: '
                              f'{", ".join(sorted(QAT_METHODS))} (PTQ methods run through PTQLoop)')
-        report = prepare_qat(model, method, bits or 'w8a8', qconfig, branches=branches, io_layers=io)
+        probe = probe_forward(model) if QAT_METHODS[method].fuse_bn else None
+        report = prepare_qat(model, method, bits or 'w8a8', qconfig, branches=branches, io_layers=io,
+                             example_forward=probe)
         model.mmquant_qat = dict(method=method, bits=bits or 'w8a8', qconfig=dict(qconfig or {}),
                                  branches=branches, first_layers=report.first_layers,
                                  last_layers=report.last_layers)

@@ -83,6 +83,14 @@ class ConstCodes:
 
 
 @dataclass
+class FloatInput:
+    """The float graph input times a constant (F8Net divides the first layer's input by its
+    clipping level): the input QuantizeLinear absorbs the factor into its scale."""
+    name: str
+    factor: float
+
+
+@dataclass
 class Raw:
     """An integer tensor that is not a quantized value (shapes, indices): copied verbatim."""
     name: str
@@ -237,16 +245,17 @@ class IntegerLowering:
                 continue
             rule = getattr(self, f'op_{node.op_type}', None)
             ins = [self.vals.get(i) if i else None for i in node.input]
-            if all(isinstance(v, np.ndarray) for v in ins if v is not None) and node.op_type in _NUMPY_OPS:
+            if node.op_type in _NUMPY_OPS and all(isinstance(v, np.ndarray) for i, v in zip(node.input, ins) if i):
                 for o, v in zip(node.output, _NUMPY_OPS[node.op_type](node, ins)):
-                    self.vals[o] = v
+                    self.vals[o] = np.asarray(v)
+                continue
+            if not any(isinstance(v, (Acc, Codes, ConstCodes)) for v in ins) and any(isinstance(v, Raw) for v in ins) \
+                    and node.op_type in _SHAPE_OPS:           # shape arithmetic: integers already
+                self.copy(node, ins)
                 continue
             if rule is None:
-                if node.op_type in _SHAPE_OPS and not any(isinstance(v, (Acc, Codes)) for v in ins):
-                    self.copy(node, ins)
-                    continue
-                self.fail(node, f'no integer form for {node.op_type}; supported: '
-                                f'{", ".join(sorted(_RULES + tuple(_SHAPE_OPS)))}')
+                self.fail(node, f'no integer form for {node.op_type}; supported: {", ".join(sorted(set(_RULES)))} '
+                                f'(and {", ".join(_SHAPE_OPS)} on shapes)')
             rule(node, ins)
         return self.finish()
 
@@ -285,8 +294,10 @@ class IntegerLowering:
             lo, hi, out = int(c_lo) + off, int(c_hi) + off, nxt[0].output[0]
             self.skip.add(nxt[0].name)
         s, z = float(scale), int(zp) + off
-        if node.input[0] in self.inputs:                         # the graph input: the one float Q
-            name = self.g.op('QuantizeLinear', [node.input[0], self.g.const(np.float32(s), 'scale'),
+        if node.input[0] in self.inputs or isinstance(x, FloatInput):   # the graph input: the one float Q
+            f = x.factor if isinstance(x, FloatInput) else 1.0
+            source = x.name if isinstance(x, FloatInput) else node.input[0]
+            name = self.g.op('QuantizeLinear', [source, self.g.const(np.float32(s / f), 'scale'),
                                                 self.g.const(np.uint8(z), 'zp')], 'q_input')
             if (lo, hi) != (0, 255):
                 name = self.g.op('Clip', [name, self.g.const(np.uint8(lo), 'lo'), self.g.const(np.uint8(hi), 'hi')], 'clip')
@@ -380,6 +391,33 @@ class IntegerLowering:
         scale = np.broadcast_to(a.scale, mul.shape) * mul
         bias = add if a.bias is None else a.bias * mul + add
         self.vals[node.output[0]] = Acc(a.name, scale, float((a.bound * np.abs(mul) + np.abs(add)).max()), bias=bias)
+
+    def _rescale(self, node, ins, divide):
+        x, c = ins
+        if x is None and node.input[0] in self.inputs:
+            x = FloatInput(node.input[0], 1.0)
+        if isinstance(x, FloatInput) and isinstance(c, np.ndarray) and c.size == 1 and float(c) != 0:
+            self.vals[node.output[0]] = FloatInput(x.name, x.factor / float(c) if divide else x.factor * float(c))
+            return
+        if not isinstance(c, np.ndarray) or c.size != 1 or not isinstance(x, (Acc, Codes)):
+            self.fail(node, f'{node.op_type} of a quantized tensor by anything but one constant')
+        c = float(c)
+        if c == 0:
+            self.fail(node, f'{node.op_type} by zero')
+        a = self.to_acc(x, node)
+        if a.relu and c < 0:
+            a = self.widen(a, self.rank(node.input[0]))
+        f = 1.0 / c if divide else c
+        self.vals[node.output[0]] = Acc(a.name, a.scale * f, a.bound * abs(f), a.relu,
+                                        None if a.bias is None else a.bias * f)
+
+    def op_Div(self, node, ins):
+        """A constant factor (F8Net's PACT divides a layer input by its clipping ``eta``) only
+        changes the real scale of the integers: no op."""
+        self._rescale(node, ins, True)
+
+    def op_Mul(self, node, ins):
+        self._rescale(node, ins, False)
 
     def op_Relu(self, node, ins):
         a = self.to_acc(ins[0], node)
@@ -508,11 +546,25 @@ def _quantize_const(node, x, scale, zp):
 
 _NUMPY_OPS = {
     'Identity': lambda node, ins: [ins[0]],
+    'Mul': lambda node, ins: [ins[0] * ins[1]],
+    'Div': lambda node, ins: [ins[0] / ins[1]],
+    'Add': lambda node, ins: [ins[0] + ins[1]],
+    'Sub': lambda node, ins: [ins[0] - ins[1]],
+    'Abs': lambda node, ins: [np.abs(ins[0])],
+    'Neg': lambda node, ins: [-ins[0]],
+    'Sqrt': lambda node, ins: [np.sqrt(ins[0])],
+    'Reciprocal': lambda node, ins: [(1 / ins[0]).astype(ins[0].dtype)],
+    'Pow': lambda node, ins: [np.power(ins[0], ins[1]).astype(ins[0].dtype)],
+    'Max': lambda node, ins: [np.maximum.reduce(ins)],
+    'Min': lambda node, ins: [np.minimum.reduce(ins)],
+    'Clip': lambda node, ins: [np.clip(ins[0], -np.inf if len(ins) < 2 or ins[1] is None else ins[1],
+                                       np.inf if len(ins) < 3 or ins[2] is None else ins[2]).astype(ins[0].dtype)],
     'Unsqueeze': lambda node, ins: [np.expand_dims(ins[0], tuple(int(a) for a in ins[1]))],
     'Concat': lambda node, ins: [np.concatenate(ins, axis=helper.get_attribute_value(node.attribute[0]))],
 }
-_SHAPE_OPS = ('Gather', 'Unsqueeze', 'Concat', 'Squeeze', 'Slice', 'Cast', 'Mul', 'Div', 'Sub', 'Equal', 'Where', 'ConstantOfShape')
-_RULES = ('QuantizeLinear', 'DequantizeLinear', 'Clip', 'Conv', 'Gemm', 'BatchNormalization', 'Relu', 'Add',
+_SHAPE_OPS = ('Gather', 'Unsqueeze', 'Concat', 'Squeeze', 'Slice', 'Cast', 'Mul', 'Div', 'Add', 'Sub', 'Equal',
+              'Where', 'ConstantOfShape', 'Shape')
+_RULES = ('QuantizeLinear', 'DequantizeLinear', 'Clip', 'Conv', 'Gemm', 'BatchNormalization', 'Relu', 'Add', 'Mul', 'Div',
           'MaxPool', 'GlobalAveragePool', 'Reshape', 'Flatten', 'Resize', 'Shape', 'Identity', 'Constant')
 
 

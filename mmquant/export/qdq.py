@@ -10,7 +10,7 @@ what the fake-quant model computes.
 
 Which quantizers have a QDQ form (:func:`affine_grid`): uniform grids (every PTQ method; per
 channel or per tensor, symmetric or affine), LSQ, PACT and DoReFa activations on unsigned
-inputs. Binary and LQ-Net quantizers, DoReFa weights and signed PACT / DoReFa activations put
+inputs, F8Net's fixed-point grids. Binary and LQ-Net quantizers, DoReFa weights and signed PACT / DoReFa activations put
 zero between two levels or use non-uniform levels: no integer zero point describes them, and the
 export says which layer and why.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..convert import quant_layers
-from ..quantizers import DoReFaActQuantizer, LSQQuantizer, PACTQuantizer, UniformQuantizer
+from ..quantizers import DoReFaActQuantizer, FixedPointQuantizer, LSQQuantizer, PACTQuantizer, UniformQuantizer
 from ..quantizers.functional import fake_quantize
 
 
@@ -53,6 +53,10 @@ def affine_grid(q: nn.Module) -> Grid:
         per_channel = q.per_channel and q.step.numel() > 1
         return Grid(q.scale.clamp_min(1e-8).tolist(), [0] * q.step.numel(), qmin, qmax,
                     q.ch_axis if per_channel else None)
+    if isinstance(q, FixedPointQuantizer):          # F8Net: power-of-two steps 2^-FL
+        qmin, qmax = q.qrange()
+        per_channel = q.per_channel and q.frac_len.numel() > 1
+        return Grid(q.scale.tolist(), [0] * q.frac_len.numel(), qmin, qmax, q.ch_axis if per_channel else None)
     if isinstance(q, PACTQuantizer) and not bool(q.signed):
         return Grid(q.scale.tolist(), [0], 0, 2 ** q.bits - 1, None)
     if isinstance(q, DoReFaActQuantizer) and not bool(q.signed):
@@ -121,6 +125,8 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path: str, opset: int = 
     to ``path`` (written to a temporary file, then renamed); batch size stays dynamic."""
     model.eval()
     tmp = path + '.tmp'
+    with torch.no_grad():
+        model(example)          # quantizers that settle on their first evaluation pass (F8Net weights)
     with qdq_mode(model), torch.no_grad(), warnings.catch_warnings():
         # the grids are constants of the graph by design
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)

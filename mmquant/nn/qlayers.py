@@ -4,6 +4,10 @@ Each twin *is* a ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` (subclas
 bias Parameters, and adds two quantizers: ``weight_quantizer`` and ``input_quantizer``
 (``None`` for weight-only quantization). Code that checks ``isinstance(m, nn.Conv2d)`` (weight
 init, BN folding, FLOP counters) keeps working on the converted model.
+
+An input quantizer with an ``input_scaling(x)`` method (F8Net's PACT as fixed point) makes the
+layer compute ``op(Q_in(x / eta), Q_w(eta w))``: the clipping level moves out of the activation
+grid into the weight, and both quantizers keep power-of-two grids.
 """
 from typing import Optional
 
@@ -28,11 +32,25 @@ class _QuantMixin:
         q.float_type = type(float_layer).__name__
         return q
 
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+    def _input_scaling(self, x=None) -> Optional[torch.Tensor]:
+        """``eta`` of an input quantizer that normalizes its input (F8Net's PACT), else ``None``;
+        ``x`` initialises an uncalibrated one. Computed once per forward pass."""
+        fn = getattr(self.input_quantizer, 'input_scaling', None)
+        return None if fn is None else fn(x)
 
-    def _quant_input(self, x):
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+    def weight_to_quantize(self, eta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor the weight quantizer rounds: the weight, times ``eta`` under a normalizing
+        input quantizer (by default its current ``eta``)."""
+        eta = self._input_scaling() if eta is None else eta
+        return self.weight if eta is None else self.weight * eta
+
+    def quantized_weight(self, eta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.weight_quantizer(self.weight_to_quantize(eta))
+
+    def _quant_input(self, x, eta: Optional[torch.Tensor] = None):
+        if self.input_quantizer is None:
+            return x
+        return self.input_quantizer(x if eta is None else x / eta)
 
     def _output_scale(self, x):
         """A per-position output scale from the input quantizer (XNOR-Net's K), or ``None``."""
@@ -44,10 +62,11 @@ class QConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` (grouped and depthwise included) with quantized weight and input."""
 
     def forward(self, x):
+        eta = self._input_scaling(x)
         k = self._output_scale(x)
         if k is None:
-            return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
-        y = self._conv_forward(self._quant_input(x), self.quantized_weight(), None) * k
+            return self._conv_forward(self._quant_input(x, eta), self.quantized_weight(eta), self.bias)
+        y = self._conv_forward(self._quant_input(x, eta), self.quantized_weight(eta), None) * k
         return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
 
@@ -55,7 +74,8 @@ class QLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` with quantized weight and input."""
 
     def forward(self, x):
-        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+        eta = self._input_scaling(x)
+        return F.linear(self._quant_input(x, eta), self.quantized_weight(eta), self.bias)
 
 
 class QConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
@@ -65,7 +85,8 @@ class QConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
     def forward(self, x, output_size=None):
         output_padding = self._output_padding(x, output_size, self.stride, self.padding,
                                               self.kernel_size, 2, self.dilation)
-        return F.conv_transpose2d(self._quant_input(x), self.quantized_weight(), self.bias, self.stride,
+        eta = self._input_scaling(x)
+        return F.conv_transpose2d(self._quant_input(x, eta), self.quantized_weight(eta), self.bias, self.stride,
                                   self.padding, output_padding, self.groups, self.dilation)
 
 

@@ -4,6 +4,7 @@ import inspect
 from .base import PTQ_METHODS, PTQMethod, check_method, register_ptq
 from .bitsplit import BitSplitPTQ
 from .brecq import BRECQPTQ
+from .f8net import F8NetPTQ
 from .observer_ptq import KLPTQ, MSEPTQ, MinMaxPTQ, PercentilePTQ
 
 
@@ -20,4 +21,4 @@ def build_ptq(name: str, qconfig=None, bits=None, **options) -> PTQMethod:
 
 
 __all__ = ['PTQ_METHODS', 'PTQMethod', 'register_ptq', 'build_ptq', 'check_method',
-           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'BitSplitPTQ', 'BRECQPTQ']
+           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'BitSplitPTQ', 'BRECQPTQ', 'F8NetPTQ']

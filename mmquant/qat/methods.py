@@ -11,6 +11,7 @@ from torch import nn
 from ..convert import ConversionReport, convert
 from ..nn.binary_blocks import rewrite_binary_blocks
 from ..qconfig import QConfig, parse_bits
+from .f8net import prepare_f8net
 
 _REAL_8BIT = dict(w_bits=8, a_bits=8, w_quantizer='uniform', a_quantizer='uniform')
 
@@ -18,13 +19,17 @@ _REAL_8BIT = dict(w_bits=8, a_bits=8, w_quantizer='uniform', a_quantizer='unifor
 @dataclass(frozen=True)
 class QATMethod:
     """``layer``: LayerQConfig fields of every quantized layer; ``io_layer``: extra fields of the
-    first / last layers; ``overrides``: per-pattern fields; ``rewrite``: binary block style."""
+    first / last layers; ``overrides``: per-pattern fields; ``rewrite``: binary block style;
+    ``fuse_bn``: convs fold their BatchNorm while training (F8Net, needs one example forward);
+    ``share_clip``: the readers of a residual stream share their clipping level (F8Net)."""
     name: str
     paper: str
     layer: dict
     io_layer: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
     rewrite: Optional[str] = None
+    fuse_bn: bool = False
+    share_clip: bool = False
 
     @property
     def binary(self) -> bool:
@@ -47,6 +52,11 @@ QAT_METHODS: Dict[str, QATMethod] = {m.name: m for m in (
     _binary('xnorpp', 'XNOR-Net++ (Bulat & Tzimiropoulos BMVC 2019)', 'xnorpp', {}, 'plain'),
     _binary('bireal', 'Bi-Real Net (Liu et al. ECCV 2018)', 'bireal', dict(grad='approx'), 'bireal'),
     _binary('groupnet', 'Group-Net (Zhuang et al. CVPR 2019)', 'xnor', {}, 'groupnet'),
+    # fixed-point weights (FL per output channel: BN-folded channels differ in scale by 100x)
+    # and fixed-point PACT activations (FL by the paper's std formula)
+    QATMethod('f8net', 'F8Net (Jin et al. ICLR 2022)',
+              dict(w_quantizer='fixed', a_quantizer='fixed', w_per_channel=True,
+                   a_quantizer_kwargs=dict(clip='pact')), fuse_bn=True, share_clip=True),
 )}
 
 
@@ -83,9 +93,15 @@ def qat_qconfig(method: str, bits: str, qconfig=None) -> QConfig:
 def prepare_qat(model: nn.Module, method: str, bits: str, qconfig=None, branches: int = 5,
                 io_layers=None, example_forward: Optional[Callable] = None) -> ConversionReport:
     """Rewrite the blocks ``method`` needs, then swap the layers; return the conversion report
-    (with ``rewritten`` block names). ``branches``: Group-Net's K."""
+    (with ``rewritten`` block names). ``branches``: Group-Net's K. ``example_forward`` (a
+    no-argument callable running one batch) finds the input / output layers when ``io_layers``
+    is not given, and F8Net's conv -> BatchNorm pairs (required there)."""
     m = check_qat_method(method)
     qc = qat_qconfig(method, bits, qconfig)
+    if m.fuse_bn:
+        report = prepare_f8net(model, qc, example_forward, io_layers=io_layers, share_clip=m.share_clip)
+        report.rewritten = []
+        return report
     rewritten = rewrite_binary_blocks(model, m.rewrite, branches) if m.rewrite else []
     report = convert(model, qc, example_forward=example_forward, io_layers=io_layers)
     report.rewritten = rewritten

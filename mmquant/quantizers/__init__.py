@@ -2,6 +2,7 @@
 from .binary import (BiRealWeightQuantizer, SignActQuantizer, XNORPPWeightQuantizer, XNORWeightQuantizer,
                      approx_sign, sign_ste)
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
+from .fixed_point import FixedPointQuantizer, fixed_point_quantize
 from .functional import calc_qparams, dequantize, fake_quantize, quantize, round_ste
 from .learned import QATQuantizer
 from .lqnet import LQNetQuantizer
@@ -16,4 +17,5 @@ __all__ = ['QScheme', 'check_bits', 'MIN_BITS', 'MAX_BITS', 'UniformQuantizer', 
            'lsq_fake_quantize', 'PACTQuantizer', 'pact_quantize', 'DoReFaWeightQuantizer',
            'DoReFaActQuantizer', 'LQNetQuantizer', 'XNORWeightQuantizer',
            'XNORPPWeightQuantizer', 'BiRealWeightQuantizer', 'SignActQuantizer', 'sign_ste',
-           'approx_sign', 'QUANTIZERS', 'build_quantizer', 'check_quantizer_bits', 'quantizer_class']
+           'approx_sign', 'QUANTIZERS', 'build_quantizer', 'check_quantizer_bits', 'quantizer_class',
+           'FixedPointQuantizer', 'fixed_point_quantize']

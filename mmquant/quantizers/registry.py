@@ -3,6 +3,7 @@ from typing import Dict, Tuple
 
 from .binary import BiRealWeightQuantizer, SignActQuantizer, XNORPPWeightQuantizer, XNORWeightQuantizer
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
+from .fixed_point import FixedPointQuantizer
 from .lqnet import LQNetQuantizer
 from .lsq import LSQQuantizer
 from .pact import PACTQuantizer
@@ -18,6 +19,7 @@ QUANTIZERS: Dict[str, Tuple[type, type]] = {
     'xnorpp': (XNORPPWeightQuantizer, None),
     'bireal': (BiRealWeightQuantizer, None),
     'sign': (None, SignActQuantizer),
+    'fixed': (FixedPointQuantizer, FixedPointQuantizer),
 }
 NAMES = ('uniform', ) + tuple(QUANTIZERS)
 
