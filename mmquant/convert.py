@@ -228,6 +228,8 @@ def convert(model: nn.Module, qconfig: QConfig,
         cfg, role = layer_qconfig(name, qconfig, first, last)
         twin, _ = classify_layer(m)
         wq, aq = build_quantizers(m, cfg)
+        device = m.weight.device               # a model converted after it moved to a GPU
+        wq, aq = wq.to(device), None if aq is None else aq.to(device)
         q = twin.from_float(m, wq, aq)
         parent_name, _, child = name.rpartition('.')
         setattr(modules[parent_name] if parent_name else model, child, q)

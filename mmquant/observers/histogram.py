@@ -35,7 +35,8 @@ class Histogram:
         while self.counts.numel() > self.max_bins:
             self._merge()
             idx = torch.floor(x / self.width).long()
-        self.counts += torch.bincount(idx - self.lo, minlength=self.counts.numel()).double()
+        # counts live on the CPU whatever device the activations are on
+        self.counts += torch.bincount(idx - self.lo, minlength=self.counts.numel()).double().cpu()
 
     def _grow(self, lo, hi):
         if self.counts.numel() == 0:

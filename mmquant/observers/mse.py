@@ -32,6 +32,8 @@ class MSEObserver(DistributionObserver):
             x, weights = x.float()[None], weights.float()[None]  # one "channel"
         lo0 = self.min_val.reshape(-1).float()
         hi0 = self.max_val.reshape(-1).float()
+        x = x.to(lo0.device)                  # the histogram lives on the CPU
+        weights = None if weights is None else weights.to(lo0.device)
         best_err = torch.full_like(lo0, float('inf'))
         best_lo, best_hi = lo0.clone(), hi0.clone()
         for a in self._alphas():

@@ -94,18 +94,19 @@ def fl_from_mse(rows: torch.Tensor, qmin: int, qmax: int, lo: int, hi: int) -> t
     """
     rows = rows.float()
     n = rows.shape[1]
-    fls = torch.arange(lo, hi + 1, dtype=torch.float64)
+    dev = rows.device
+    fls = torch.arange(lo, hi + 1, dtype=torch.float64, device=dev)
     top_all = rows.max(1).values.double().reshape(-1, 1) * torch.pow(2.0, fls)
     bottom_all = rows.min(1).values.double().reshape(-1, 1) * torch.pow(2.0, fls)
     inside = (torch.round(top_all) <= qmax) & (torch.round(bottom_all) >= qmin)          # [rows, FLs]
     # inside is True up to nc, then False; no FL without clamping: lo
-    nc = torch.where(inside.any(1), lo + inside.long().sum(1) - 1, torch.full((rows.shape[0], ), lo))
+    nc = torch.where(inside.any(1), lo + inside.long().sum(1) - 1, torch.full((rows.shape[0], ), lo, device=dev))
     k = min(n, 1024)
     top = rows.topk(k, dim=1).values.double()
     bottom = rows.topk(k, dim=1, largest=False).values.double()
-    best_err = torch.full((rows.shape[0], ), math.inf, dtype=torch.float64)
+    best_err = torch.full((rows.shape[0], ), math.inf, dtype=torch.float64, device=dev)
     best = nc.clone()
-    live = torch.ones(rows.shape[0], dtype=torch.bool)
+    live = torch.ones(rows.shape[0], dtype=torch.bool, device=dev)
     for fl in range(int(nc.min()), hi + 1):
         s = 2.0 ** fl
         bound = ((top - qmax / s).clamp_min(0) ** 2).sum(1) + ((qmin / s - bottom).clamp_min(0) ** 2).sum(1)
