@@ -164,3 +164,37 @@ def test_detector_qat_configs_build_and_train_a_step(config, method, bits):
     assert bool(fpn_in.calibrated) and bool(fpn_in.signed)   # lateral sums can be negative
     if method == 'lsq':
         assert fpn_in.step.grad is not None and torch.isfinite(fpn_in.step.grad).all()
+
+
+@pytest.mark.parametrize('fmt', ['qdq', 'int'])
+def test_retinanet_exports_head_maps_that_match(tmp_path, fmt):
+    """RetinaNet-R18 (our fashion_det recipe, random init), min-max W8A8: the ONNX graph returns
+    the 10 head maps (5 levels x cls / reg) of the PyTorch quantized model; the integer graph
+    equals the integer simulator bit for bit."""
+    import onnx
+    import onnxruntime as ort
+    from mmquant.engine.ptq_loop import TensorMode, flatten_outputs
+    from mmquant.export import IntegerSimulator, export_int, export_qdq
+    model = build(tmp_path, DETECTORS['retinanet_fashiondet'], 'mmdet')
+    batch = det_batch()
+    convert(model, QConfig.build(dict(default=dict(w_per_channel=True)), bits='w8a8'),
+            example_forward=lambda: tensor_forward(model, batch))
+    calibrate(model, [batch], forward_fn=tensor_forward)
+    x = model.data_preprocessor(batch, False)['inputs']
+    path = str(tmp_path / f'retinanet_{fmt}.onnx')
+    (export_int if fmt == 'int' else export_qdq)(TensorMode(model), x, path)
+    outs = ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {'input': x.numpy()})
+    with torch.no_grad():
+        ref = flatten_outputs(model(x, mode='tensor'))
+        ref64 = flatten_outputs(model.double()(x.double(), mode='tensor'))
+    assert len(outs) == len(ref) == 10
+    # a randomly initialised RetinaNet at 8 bits puts many values next to a rounding boundary, so
+    # float32 rounding moves codes: the graph may differ from PyTorch's float32 fake-quant model by
+    # as much as that model differs from itself in float64, no more
+    for o, r, r64 in zip(outs, ref, ref64):
+        assert o.shape == tuple(r.shape)
+        noise = float((r.double() - r64).abs().max())
+        assert float(np.abs(o - r.numpy()).max()) <= 2 * noise + 1e-5
+    if fmt == 'int':
+        for o, s in zip(outs, IntegerSimulator(onnx.load(path))(x)):
+            np.testing.assert_array_equal(o, s.numpy())

@@ -132,10 +132,12 @@ class IntegerSimulator:
         return F.pad(x, torch_pads, value=int(value))
 
     def _Slice(self, node, ins):
-        x, starts, ends, axes, steps = ins
+        x, starts, ends = ins[:3]
+        axes = ins[3] if len(ins) > 3 and ins[3] is not None else torch.arange(len(starts))
+        steps = ins[4] if len(ins) > 4 and ins[4] is not None else torch.ones(len(starts), dtype=torch.int64)
         idx = [slice(None)] * x.dim()
         for s, e, ax, st in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
-            idx[ax] = slice(s, e, st)
+            idx[ax % x.dim()] = slice(s, e, st)
         return x[tuple(idx)]
 
     def _ReduceSum(self, node, ins):
