@@ -6,7 +6,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .convert import quant_layers
+from .convert import activation_quantizers, quant_layers
 from .quantizers import UniformQuantizer
 
 logger = logging.getLogger('mmquant')
@@ -40,8 +40,8 @@ def observing(quantizers: List[UniformQuantizer]):
 
 def all_calibrated(model: nn.Module) -> bool:
     """Whether every quantizer of a converted model has its parameters (calibrated or loaded)."""
-    return all(bool(q.calibrated) for _, m in quant_layers(model)
-               for q in (m.weight_quantizer, m.input_quantizer) if q is not None)
+    return all(bool(q.calibrated) for q in [m.weight_quantizer for _, m in quant_layers(model)] +
+               [q for _, q in activation_quantizers(model)])
 
 
 def calibrate_weights(model: nn.Module):
@@ -65,7 +65,7 @@ def calibrate(model: nn.Module, batches: Iterable, forward_fn: Optional[Callable
     """
     forward_fn = forward_fn or (lambda m, b: m(b))
     layers = quant_layers(model)
-    act = [(n, layer.input_quantizer) for n, layer in layers if layer.input_quantizer is not None]
+    act = activation_quantizers(model)
     was_training = model.training
     model.eval()
     with observing([q for _, q in act]), disabled([m.weight_quantizer for _, m in layers]), \

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .nn import QUANT_LAYERS, QConv2d, QConvTranspose2d, QLinear
+from .nn import QUANT_LAYERS, QConv2d, QConvTranspose2d, QLinear, stream_quantizers
 from .observers import build_observer
 from .qconfig import LayerQConfig, QConfig
 from .quantizers import QScheme, UniformQuantizer, build_quantizer
@@ -244,6 +244,13 @@ def quant_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
 
 
+def activation_quantizers(model: nn.Module):
+    """``(name, quantizer)`` of every activation quantizer: the twins' input quantizers and the
+    quantized residual streams' (:func:`mmquant.nn.quantize_residuals`)."""
+    return [(f'{n}.input_quantizer', m.input_quantizer) for n, m in quant_layers(model)
+            if m.input_quantizer is not None] + stream_quantizers(model)
+
+
 def all_quantizers(model: nn.Module):
-    """Every weight and input quantizer of the quantized twins in the model."""
-    return [q for _, m in quant_layers(model) for q in (m.weight_quantizer, m.input_quantizer) if q is not None]
+    """Every weight and activation quantizer in the model."""
+    return [m.weight_quantizer for _, m in quant_layers(model)] + [q for _, q in activation_quantizers(model)]

@@ -93,6 +93,25 @@ def test_export_qdq_of_a_ptq_checkpoint_matches_in_onnxruntime(float_run):
     assert bad.stderr.strip().count('\n') == 0 and result.returncode == 0
 
 
+def test_int_export_of_a_folded_residual_quantized_checkpoint(float_run):
+    """fold_bn and quant_residual go into the checkpoint's meta, so tools/export.py rebuilds the
+    same model; the integer graph equals the integer simulator on every image."""
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'int'
+    run_tool('tools/test.py', cfg, ckpt, '--quant', 'minmax', '--quant-bits', 'w8a8', '--calib-images', '32',
+             '--work-dir', str(out), '--out-metrics', str(out / 'm.json'),
+             '--cfg-options', 'quant.options.fold_bn=True', 'quant.options.quant_residual=True')
+    qckpt = read(out / 'm.json')['quantized_checkpoint']
+    meta = torch.load(qckpt, weights_only=True)['meta']['mmquant']
+    assert meta['fold_bn'] is True and meta['quant_residual'] is True
+    proc = run_tool('tools/export.py', cfg, qckpt, '--format', 'int', '--out', str(out / 'int.onnx'),
+                    '--check-images', '32', '--work-dir', str(out / 'exp'))
+    assert 'onnxruntime vs the PyTorch integer simulator: 32 of 32 images bit-identical' in proc.stdout, proc.stdout[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('onnxruntime vs PyTorch on 32 test images')][0]
+    top1 = re.findall(r'([0-9.]+) \((?:onnxruntime|PyTorch)', line)
+    assert len(top1) == 2 and top1[0] == top1[1]
+
+
 def test_bitsplit_through_the_cli_with_method_options(float_run):
     tmp, cfg, ckpt = float_run
     out = tmp / 'bitsplit'

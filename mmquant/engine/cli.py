@@ -160,8 +160,13 @@ def ptq_test_cfg(cfg, args):
                  f'{loop["method"]} at {loop.get("bits")}; drop --quant to evaluate it as it is')
         loop.update(qconfig=meta['qconfig'], first_layers=meta['first_layers'],
                     last_layers=meta['last_layers'])
-        if 'fold_bn' in meta:      # rebuild the model the quantizers were calibrated on
-            loop['options'] = dict(fold_bn=meta['fold_bn'])
+        # rebuild the model the quantizers were calibrated on
+        # (quant_residual only where set: the methods without that option never set it)
+        options = {'fold_bn': meta['fold_bn']} if 'fold_bn' in meta else {}
+        if meta.get('quant_residual'):
+            options['quant_residual'] = True
+        if options:
+            loop['options'] = options
     if getattr(args, 'calib_images', None) is not None:
         loop['calib_images'] = args.calib_images
     return loop

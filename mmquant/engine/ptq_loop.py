@@ -32,7 +32,7 @@ from mmengine.runner import TestLoop
 from mmengine.runner.checkpoint import _load_checkpoint, weights_to_cpu
 
 from ..calibrate import all_calibrated
-from ..convert import quant_layers
+from ..convert import all_quantizers, quant_layers
 from ..ptq import build_ptq
 from ..ptq.mixed_precision import set_weight_bits, weight_bits
 from .progress import Progress
@@ -256,17 +256,16 @@ class PTQLoop(TestLoop):
         images; rank 0's quantizer parameters are then given to every rank so they agree."""
         if get_world_size() < 2:
             return
-        for _, layer in quant_layers(model):
-            for q in (layer.weight_quantizer, layer.input_quantizer):
-                if q is not None:
-                    for buf in q.buffers():
-                        broadcast(buf, src=0)
+        for q in all_quantizers(model):
+            for buf in q.buffers():
+                broadcast(buf, src=0)
 
     def _save(self, model):
         report = self.report
         meta = dict(mmquant=dict(
             method=self.method.name, bits=self.method.qconfig.bits_tag(),
             qconfig=self.method.qconfig.to_dict(), fold_bn=bool(self.method.fold_bn),
+            quant_residual=bool(self.method.quant_residual),
             first_layers=report.first_layers if report else None,
             last_layers=report.last_layers if report else None))
         if getattr(self.method, 'mixed_bits', None):      # the searched bits, to rebuild the grids on load

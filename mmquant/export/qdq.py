@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..convert import quant_layers
+from ..nn import stream_quantizers
 from ..quantizers import DoReFaActQuantizer, FixedPointQuantizer, LSQQuantizer, PACTQuantizer, UniformQuantizer
 from ..quantizers.functional import fake_quantize
 
@@ -108,6 +109,8 @@ def qdq_mode(model: nn.Module):
                 plan.append((q, grid))
             except QDQExportError as e:
                 problems.append(f'{name}.{role}: {e}')
+    for name, q in stream_quantizers(model):
+        plan.append((q, affine_grid(q)))
     if problems:
         raise QDQExportError(f'{len(problems)} quantizers have no QDQ form, e.g. {problems[0]}')
     for q, grid in plan:

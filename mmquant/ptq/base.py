@@ -6,6 +6,7 @@ from torch import nn
 
 from ..convert import ConversionReport, convert
 from ..fold_bn import fold_bn
+from ..nn import quantize_residuals
 from ..qconfig import QConfig
 
 PTQ_METHODS: Dict[str, type] = {}
@@ -37,6 +38,7 @@ class PTQMethod:
     name = 'base'
     layer_defaults: dict = {}
     fold_bn = False     # fold each BatchNorm into the conv before it, before converting
+    quant_residual = False   # quantize ResNet blocks' residual streams (mmquant.nn.quantize_residuals)
 
     def __init__(self, qconfig=None, bits: Optional[str] = None):
         cfg = qconfig.to_dict() if isinstance(qconfig, QConfig) else dict(qconfig or {})
@@ -54,7 +56,11 @@ class PTQMethod:
                 raise ValueError(f'{self.name}: folding BatchNorm needs an example forward pass (or fold_bn=False)')
             pairs = fold_bn(model, example_forward)
             logger.info('mmquant %s: folded %d BatchNorm layers into their convs', self.name, len(pairs))
-        return convert(model, self.qconfig, example_forward, io_layers=io_layers)
+        report = convert(model, self.qconfig, example_forward, io_layers=io_layers)
+        if self.quant_residual:
+            blocks = quantize_residuals(model, 8, self.qconfig.default.a_observer)
+            logger.info('mmquant %s: quantized the residual streams of %d blocks at 8 bits', self.name, len(blocks))
+        return report
 
     def calibrate(self, model: nn.Module, batches: Iterable, forward_fn: Optional[Callable] = None,
                   progress=None, loss_fn: Optional[Callable] = None):

@@ -10,11 +10,15 @@ from .base import PTQMethod, register_ptq
 
 class ObserverPTQ(PTQMethod):
     """``fold_bn=True`` folds BatchNorm into the convs first (deployment toolchains do; the
-    default keeps the float BatchNorm after each quantized conv, as the tables were measured)."""
+    default keeps the float BatchNorm after each quantized conv, as the tables were measured).
+    ``quant_residual=True`` also quantizes every ResNet block's input, branch output and shortcut
+    output at 8 bits (:func:`mmquant.nn.quantize_residuals`), so an exported graph has no float
+    between convolutions: with ``fold_bn`` it is the form onnxruntime runs fastest."""
 
-    def __init__(self, qconfig=None, bits=None, fold_bn: bool = False):
+    def __init__(self, qconfig=None, bits=None, fold_bn: bool = False, quant_residual: bool = False):
         super().__init__(qconfig, bits)
         self.fold_bn = bool(fold_bn)
+        self.quant_residual = bool(quant_residual)
 
     def calibrate(self, model, batches, forward_fn=None, progress=None, loss_fn=None):
         return calibrate(model, batches, forward_fn, progress)
