@@ -1,12 +1,6 @@
 # RetinaNet-R18 on the local fashion_det set, LSQ quantization-aware training at W4A4 from the
-# float detector (python tools/train.py configs/retinanet_r18_fpn_fashiondet.py):
+# float detector (the fine-tune recipe of retinanet_r18_qat.py):
 #   python tools/train.py configs/retinanet_r18_lsq_w4a4.py
 # The stem and the two prediction convs (classes, boxes) stay 8-bit.
-_base_ = ['./retinanet_r18_fpn_fashiondet.py', './_base_/quant/lsq_w4a4.py']
-load_from = 'work_dirs/retinanet_r18_fpn_fashiondet/epoch_6.pth'
+_base_ = ['./retinanet_r18_qat.py', './_base_/quant/lsq_w4a4.py']
 quant = dict(first_layers=['backbone.conv1'], last_layers=['bbox_head.retina_cls', 'bbox_head.retina_reg'])
-max_epochs = 2
-optim_wrapper = dict(optimizer=dict(lr=0.001))
-param_scheduler = [dict(type='CosineAnnealingLR', T_max=max_epochs, by_epoch=True, begin=0, end=max_epochs,
-                        eta_min=0.0, convert_to_iter_based=True)]
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
