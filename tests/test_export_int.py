@@ -44,6 +44,29 @@ def run_ort(path, x):
     return ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {'input': x.numpy()})[0]
 
 
+def run_checked(path, x, model=None, atol=1e-5):
+    """onnxruntime's output of the integer graph at ``path`` on ``x``, after asserting it equals
+    the integer simulator bit for bit and (with ``model``) the fake-quant model within ``atol``
+    (a callable of the reference gives a relative bound)."""
+    out = run_ort(path, x)
+    np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
+    if model is not None:
+        with torch.no_grad():
+            ref = model(x).numpy()
+        np.testing.assert_allclose(out, ref, atol=atol(ref) if callable(atol) else atol, rtol=0)
+    return out
+
+
+def multipliers(path):
+    """|m| of every requantisation multiplier of the integer graph at ``path``."""
+    return [np.abs(onnx.numpy_helper.to_array(t).astype(np.float64)) for t in onnx.load(path).graph.initializer
+            if t.name.startswith('mult')]
+
+
+def is_power_of_two(v):
+    return bool(np.all(np.exp2(np.round(np.log2(v))) == v))
+
+
 def quantized(bits='w8a8', per_channel=True, size=12, **kw):
     model = ResNetLike()
     batches = [torch.randn(8, 3, size, size) for _ in range(2)]
@@ -80,26 +103,16 @@ def test_integer_graph_matches_simulator_bit_for_bit(tmp_path, bits, per_channel
                                 'Identity': [graph.graph.node[-1].name]}
     ops = {n.op_type for n in graph.graph.node}
     assert {'ConvInteger', 'MatMulInteger', 'BitShift'} <= ops and not ops & {'Conv', 'BatchNormalization', 'Gemm'}
-    x = torch.randn(16, 3, 12, 12)
-    out = run_ort(path, x)
-    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
-    with torch.no_grad():
-        ref = model(x).numpy()
     # the integer arithmetic lands on the fake-quant model's codes (bias and BatchNorm are added
     # below one output step, residual sums kept to 2^-30 of their range)
-    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    run_checked(path, torch.randn(16, 3, 12, 12), model)
     assert not list(tmp_path.glob('*.tmp'))
 
 
 def test_folded_batchnorm_model_exports(tmp_path):
     model, batches = quantized('w8a8', fold_bn=True)
     path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
-    x = torch.randn(8, 3, 12, 12)
-    out = run_ort(path, x)
-    np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
-    with torch.no_grad():
-        ref = model(x).numpy()
-    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    run_checked(path, torch.randn(8, 3, 12, 12), model)
 
 
 def test_power_of_two_grids_requantise_by_shifts_only(tmp_path):
@@ -112,14 +125,9 @@ def test_power_of_two_grids_requantise_by_shifts_only(tmp_path):
                 q.scale.copy_(2.0 ** torch.round(torch.log2(q.scale)))
                 q.zero_point.zero_()
     path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
-    graph = onnx.load(path)
-    mults = [onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.startswith('mult')]
-    for m in mults:
-        v = np.abs(m.astype(np.float64))
-        assert np.all(np.exp2(np.round(np.log2(v))) == v)
-    assert mults
-    x = torch.randn(8, 3, 8, 8)
-    np.testing.assert_array_equal(run_ort(path, x), IntegerSimulator(graph)(x).numpy())
+    mults = multipliers(path)
+    assert mults and all(is_power_of_two(m) for m in mults)
+    run_checked(path, torch.randn(8, 3, 8, 8))
 
 
 def test_lsq_qat_model_exports(tmp_path):
@@ -129,8 +137,7 @@ def test_lsq_qat_model_exports(tmp_path):
     model.train()
     model(x)
     model.eval()
-    path = export_int(model, x, str(tmp_path / 'int.onnx'))
-    np.testing.assert_array_equal(run_ort(path, x), IntegerSimulator(onnx.load(path))(x).numpy())
+    run_checked(export_int(model, x, str(tmp_path / 'int.onnx')), x)
 
 
 def test_weight_only_model_is_refused_with_the_node(tmp_path):
@@ -157,11 +164,7 @@ def test_convolution_on_a_1x1_map_becomes_one_matmul(tmp_path):
     graph = onnx.load(path)
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count('MatMulInteger') == 2 and 'ConvInteger' not in ops      # the 1x1 conv too
-    x = torch.randn(5, 3, 1, 1)
-    out = run_ort(path, x)
-    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
-    with torch.no_grad():
-        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5, rtol=0)
+    run_checked(path, torch.randn(5, 3, 1, 1), model)
 
 
 def test_f8net_post_training_model_requantises_by_shifts_only(tmp_path):
@@ -170,15 +173,8 @@ def test_f8net_post_training_model_requantises_by_shifts_only(tmp_path):
     batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     quantize(model, batches, 'f8net', 'w8a8', qconfig=dict(first_layer_bits=None, last_layer_bits=None))
     path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
-    graph = onnx.load(path)
-    mults = [np.abs(onnx.numpy_helper.to_array(t).astype(np.float64)) for t in graph.graph.initializer
-             if t.name.startswith('mult')]
-    assert all(np.all(np.exp2(np.round(np.log2(m))) == m) for m in mults)
-    x = torch.randn(8, 3, 8, 8)
-    out = run_ort(path, x)
-    np.testing.assert_array_equal(out, IntegerSimulator(graph)(x).numpy())
-    with torch.no_grad():
-        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5, rtol=0)
+    assert all(is_power_of_two(m) for m in multipliers(path))
+    run_checked(path, torch.randn(8, 3, 8, 8), model)
 
 
 def test_f8net_qat_model_with_pact_clipping_exports(tmp_path):
@@ -189,9 +185,4 @@ def test_f8net_qat_model_with_pact_clipping_exports(tmp_path):
     model(example)
     model.eval()
     path = export_int(model, example, str(tmp_path / 'int.onnx'))
-    x = torch.randn(8, 3, 12, 12)
-    out = run_ort(path, x)
-    np.testing.assert_array_equal(out, IntegerSimulator(onnx.load(path))(x).numpy())
-    with torch.no_grad():
-        ref = model(x).numpy()
-    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    run_checked(path, torch.randn(8, 3, 12, 12), model, atol=lambda ref: 1e-4 * np.abs(ref).max())

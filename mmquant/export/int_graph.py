@@ -274,7 +274,7 @@ class IntegerLowering:
             self.vals[o] = Raw(o)
 
     def op_Constant(self, node, ins):
-        self.vals[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        """Read before the walk (a Clip's bounds may come after it): nothing left to do."""
 
     def op_Identity(self, node, ins):
         self.vals[node.output[0]] = ins[0]
