@@ -33,12 +33,14 @@ def test_resnet50_units_are_sixteen_bottlenecks(tmp_path):
     assert [u.name for u in units if not u.is_block] == ['backbone.conv1', 'head.fc']
 
 
-def test_vgg11bn_units_are_its_layers(tmp_path):
+def test_vgg11bn_units_are_its_layers_with_their_norm_and_relu(tmp_path):
     model = converted(tmp_path, CLASSIFIERS['vgg11bn'], 'mmpretrain')
     units = find_units(model)
     assert not any(u.is_block for u in units)
     assert len(units) == 8 + 3                                               # 8 convs, 3 FCs
-    assert units[0].name == 'backbone.features.0.conv'
+    # each conv is reconstructed inside its ConvModule: the output matched is the ReLU's
+    assert units[0].name == 'backbone.features.0' and units[0].layers == ['backbone.features.0.conv']
+    assert type(units[0].module).__name__ == 'ConvModule'
 
 
 def test_retinanet_units_cover_backbone_blocks_fpn_and_head_convs(tmp_path):
@@ -46,8 +48,8 @@ def test_retinanet_units_cover_backbone_blocks_fpn_and_head_convs(tmp_path):
     units = find_units(model)
     names = [u.name for u in units]
     assert sum(u.is_block for u in units) == 8
-    assert 'neck.lateral_convs.0.conv' in names and 'neck.fpn_convs.0.conv' in names
-    assert 'bbox_head.cls_convs.0.conv' in names and 'bbox_head.retina_cls' in names
+    assert 'neck.lateral_convs.0' in names and 'neck.fpn_convs.0' in names   # ConvModules
+    assert 'bbox_head.cls_convs.0' in names and 'bbox_head.retina_cls' in names
     covered = [layer for u in units for layer in u.layers]
     quant = [n for n, m in model.named_modules() if hasattr(m, 'weight_quantizer')]
     assert sorted(covered) == sorted(quant)                                  # every layer exactly once

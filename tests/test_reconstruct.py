@@ -114,6 +114,40 @@ def test_qdrop_mixes_float_inputs_into_the_unit_input(monkeypatch):
     assert seen['block.conv1'] == [{'float_inputs'}] and seen['head'] == [{'float_inputs'}] * 2
 
 
+def test_brecq_targets_come_from_the_float_network_after_earlier_units_are_rounded(monkeypatch):
+    """Each unit's targets are the float network's outputs of that unit, although the units before
+    it already hold their rounded weights (regression: the targets once came from a network whose
+    earlier weights were the rounded ones, which hides the error BRECQ is meant to correct)."""
+    import copy
+    import mmquant.ptq.brecq as brecq_mod
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    reference = copy.deepcopy(model)            # brecq folds BatchNorm first: same function to 1e-5
+    want = {}
+    hooks = [getattr(reference, n).register_forward_hook(lambda m, a, o, n=n: want.setdefault(n, []).append(o))
+             for n in ('block', 'head')]
+    with torch.no_grad():
+        for b in batches:
+            reference(b)
+    for h in hooks:
+        h.remove()
+    seen = {}
+
+    def spy(unit, layers, streams, cfg, progress=None):
+        seen[layers[0][0]] = [s.outputs.clone() for s in streams]
+        return reconstruct(unit, layers, streams, cfg, progress)
+
+    monkeypatch.setattr(brecq_mod, 'reconstruct', spy)
+    ptq = brecq_mod.BRECQPTQ(dict(first_layer_bits=None, last_layer_bits=None), 'w2a8', iters=20, batch_size=8)
+    ptq(model, batches)
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen['block.conv1'][0], torch.cat(want['block']), **close)
+    torch.testing.assert_close(seen['head'][0], torch.cat(want['head'][0::2]), **close)   # first call per batch
+    torch.testing.assert_close(seen['head'][1], torch.cat(want['head'][1::2]), **close)
+    assert not torch.equal(model.block.conv1.weight, reference.block.conv1.weight)   # rounded in place
+
+
 def test_capture_grads_equal_autograd_and_fisher_weights_the_loss():
     from mmquant.ptq.brecq import BRECQPTQ
     from mmquant.ptq.unit_cache import capture_grads

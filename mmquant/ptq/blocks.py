@@ -4,7 +4,11 @@ Block reconstruction (BRECQ) fits the quantized weights of a unit to the float o
 whole unit. A residual unit (ResNet's BasicBlock / Bottleneck in mmpretrain, mmdet and
 torchvision, MobileNetV2's InvertedResidual, ...) is one unit: its convs, its shortcut and the
 add are reconstructed together. Layers outside residual units (a stem, VGG's convs, FPN convs,
-head convs, RoI-head FCs) are units of one layer each. A config may name the units itself.
+head convs, RoI-head FCs) are units of one layer each; where the layer sits in a conv-norm-act
+wrapper (mmcv's ``ConvModule``: VGG's convs, FPN and head convs) the wrapper is the unit, so the
+output matched is the one after the activation, as the next layer sees it (matching the conv's
+output before a ReLU spends the fit on negative values the ReLU throws away). A config may name the
+units itself.
 """
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
@@ -13,10 +17,12 @@ from torch import nn
 
 from ..nn import QUANT_LAYERS
 
-__all__ = ['Unit', 'RESIDUAL_BLOCKS', 'find_units']
+__all__ = ['Unit', 'RESIDUAL_BLOCKS', 'LAYER_WRAPPERS', 'find_units']
 
 # class names of residual units, whichever library defines them
 RESIDUAL_BLOCKS = ('BasicBlock', 'Bottleneck', 'InvertedResidual')
+# class names of modules that wrap one quantized layer with its norm and activation
+LAYER_WRAPPERS = ('ConvModule',)
 
 
 @dataclass
@@ -29,7 +35,9 @@ class Unit:
 
     @property
     def is_block(self) -> bool:
-        return self.layers != [self.name]
+        """Several quantized layers reconstructed together (a single layer, with or without its
+        norm and activation, is not a block)."""
+        return len(self.layers) > 1
 
 
 def _quant_layers_in(module: nn.Module, prefix: str) -> List[str]:
@@ -70,6 +78,9 @@ def find_units(model: nn.Module, blocks: Optional[Sequence[str]] = None,
                 layers = _quant_layers_in(child, path)
                 if layers:
                     units.append(Unit(path, child, layers))
+            elif (type(child).__name__ in LAYER_WRAPPERS and len(_quant_layers_in(child, path)) == 1
+                  and not any(c.startswith(path + '.') for c in chosen)):
+                units.append(Unit(path, child, _quant_layers_in(child, path)))
             else:
                 walk(child, path)
 

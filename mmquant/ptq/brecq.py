@@ -16,6 +16,7 @@
 """
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -60,7 +61,9 @@ class BRECQPTQ(PTQMethod):
         batch_size: minibatch of cached samples per iteration (32).
         lam: weight of the rounding regulariser (0.01).
         warmup: fraction of iterations before the regulariser starts (0.2).
-        lr: Adam learning rate of the rounding variables (1e-3).
+        lr: Adam learning rate of the rounding variables (default ``None``: the paper's 1e-3 at 20000
+            iterations, scaled by ``20000 / iters`` for shorter runs, at most 0.05; see
+            :attr:`ReconConfig.v_lr`).
         act_lr: Adam learning rate of each activation step relative to its initial size (4e-3: the
             authors' 4e-4 for a step of 0.1, typical of 4-bit activations; 0 keeps the initial
             steps). Relative because Adam moves a parameter by about its rate per iteration whatever
@@ -91,7 +94,7 @@ class BRECQPTQ(PTQMethod):
     layer_defaults = dict(w_observer='mse', a_observer='mse', w_per_channel=True, w_symmetric=False)
 
     def __init__(self, qconfig=None, bits: Optional[str] = None, *, iters: int = 20000, batch_size: int = 32,
-                 lam: float = 0.01, warmup: float = 0.2, lr: float = 1e-3, act_lr: float = 4e-3,
+                 lam: float = 0.01, warmup: float = 0.2, lr: Optional[float] = None, act_lr: float = 4e-3,
                  drop_prob: float = 0.0, loss: str = 'mse', blocks: Optional[Sequence[str]] = None,
                  mixed_bits: Optional[Sequence[int]] = None, avg_bits: Optional[float] = None,
                  fold_bn: bool = True, early_stop: bool = True, local_targets: Optional[Sequence[str]] = None,
@@ -108,7 +111,7 @@ class BRECQPTQ(PTQMethod):
             raise ValueError(f"brecq: unknown loss {loss!r}; accepted: mse, fisher")
         self.loss = loss
         self.recon = ReconConfig(iters=int(iters), batch_size=int(batch_size), lam=float(lam),
-                                 warmup=float(warmup), lr=float(lr), act_lr=float(act_lr),
+                                 warmup=float(warmup), lr=None if lr is None else float(lr), act_lr=float(act_lr),
                                  drop_prob=float(drop_prob), early_stop=bool(early_stop), seed=int(seed))
         self.blocks = list(blocks) if blocks else None
         self.local_targets = [str(p) for p in local_targets or ()]
@@ -136,6 +139,9 @@ class BRECQPTQ(PTQMethod):
             if self.mixed_bits:
                 self._choose_bits(model, units, order, batches, fwd, calls, all_q, layer_of)
             done: List[Unit] = []
+            # reconstruction writes each unit's rounded weights into its layers; the targets of
+            # later units come from the float network, so the float weights are kept to swap back
+            self._float_weights = {}
             records = []
             for k, name in enumerate(order):
                 unit = units[name]
@@ -192,6 +198,20 @@ class BRECQPTQ(PTQMethod):
             logger.info('mmquant brecq: sensitivity of %s: %s', name,
                         ', '.join(f'w{b} {v:.4g}' for b, v in zip(self.mixed_bits, row)))
 
+    @contextmanager
+    def _float(self, layer_of):
+        """The float weights back in the layers already reconstructed, for the duration."""
+        rounded = {n: layer_of[n].weight.detach().clone() for n in self._float_weights}
+        try:
+            with torch.no_grad():
+                for n, w in self._float_weights.items():
+                    layer_of[n].weight.copy_(w)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in rounded.items():
+                    layer_of[n].weight.copy_(w)
+
     def _unit(self, model, unit: Unit, batches, fwd, calls, all_q, layer_of, done, tag='') -> BRECQRecord:
         if not any(calls):
             return BRECQRecord(unit.name, unit.layers, None, None, 0.0, 0)
@@ -206,7 +226,7 @@ class BRECQPTQ(PTQMethod):
         local = any(unit.name == p or unit.name.startswith(p + '.') for p in self.local_targets)
         streams = None
         if not local:
-            with disabled(all_q):                               # the float network: targets
+            with disabled(all_q), self._float(layer_of):        # the float network: targets
                 streams = capture(model, unit.module, batches, fwd, calls, name=unit.name)
                 if self.loss == 'fisher':
                     grads = capture_grads(model, unit.module, batches, self._loss_fn, name=unit.name)
@@ -235,6 +255,8 @@ class BRECQPTQ(PTQMethod):
                     s.extra['float_inputs'] = s.inputs           # QDrop mixes them in
                 s.inputs = x.inputs
         layers = [(n, layer_of[n]) for n in unit.layers]
+        for n, layer in layers:
+            self._float_weights[n] = layer.weight.detach().clone()
         res = reconstruct(unit.module, layers, streams, self.recon, progress=report)
         return BRECQRecord(unit.name, unit.layers, res.loss_rtn, res.loss, res.seconds,
                            sum(len(s) for s in streams), res.iters)
