@@ -287,3 +287,44 @@ def test_onnx_latency_benchmark_times_fp32_and_exported_models(float_run, tmp_pa
     assert len(rows) == 1 and rows[0].count('1.00x') == 2
     bad = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', 'one', check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch 'one': expected comma-separated integers, e.g. 1,32"
+
+
+def test_analyze_names_layers_suggests_bits_within_budget_and_its_config_runs(float_run):
+    tmp, cfg, ckpt = float_run
+    out = tmp / 'analyze'
+    proc = run_tool('tools/analyze.py', cfg, ckpt, '--quant-bits', 'w4a8', '--calib-images', '32',
+                    '--eval-images', '64', '--candidates', '2,8', '--verify', '--out-dir', str(out))
+    result = read(out / 'sensitivity.json')
+    layers = result['layers']
+    assert len(layers) == 21 and layers[0]['name'] == 'backbone.conv1' and result['eval_images'] == 64
+    assert all(set(r['noise']) == {'2', '8'} and r['noise']['2'] > r['noise']['8'] for r in layers)
+    assert all(0 <= r['only_metric'] <= 100 and -1 <= r['only_cosine'] <= 1 for r in layers)
+    # first and last layers keep their 8 bits; the rest average at most 4 bits per weight
+    assert set(result['fixed_layers']) == {'backbone.conv1', 'head.fc'}
+    chosen = result['suggested']
+    sizes = {r['name']: r['params'] for r in layers}
+    assert set(chosen) == set(sizes) - {'backbone.conv1', 'head.fc'} and set(chosen.values()) <= {2, 8}
+    assert sum(sizes[n] * b for n, b in chosen.items()) <= 4 * sum(sizes[n] for n in chosen)
+    uniform, suggested = result['verify']
+    assert suggested['weight_bytes'] <= uniform['weight_bytes']
+    assert 'most sensitive (lowest SQNR with only that layer quantized): ' in proc.stdout
+    assert (out / 'sensitivity.png').read_bytes()[:4] == b'\x89PNG'
+    # the written config quantizes with the suggested bits through tools/test.py
+    mixed = out / 'mixed_w4a8.py'
+    run_tool('tools/test.py', str(mixed), ckpt, '--calib-images', '32', '--work-dir', str(tmp / 'mixed'),
+             '--out-metrics', str(tmp / 'mixed' / 'm.json'))
+    m = read(tmp / 'mixed' / 'm.json')
+    assert m['method'] == 'minmax' and m['metrics']['accuracy/top1'] == pytest.approx(suggested['metrics']['accuracy/top1'])
+    assert not list(out.glob('*.tmp*'))
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--quant', 'nosuch'], "error: unknown quantization method 'nosuch'"),
+    (['--quant-bits', 'w0'], "error: weight bits in 'w0'=0 is out of range"),
+    (['--candidates', '2,1'], 'error: --candidates'),
+    (['--avg-bits', '1.5'], 'error: --avg-bits 1.5 is below the smallest candidate 2'),
+])
+def test_analyze_errors_are_one_line(args, message):
+    proc = run_tool('tools/analyze.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr
