@@ -34,6 +34,7 @@ import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoi
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
                                      mm_method_options, task_loss, tensor_forward)
+from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
@@ -176,6 +177,17 @@ def pick(metrics: dict, keys):
     return keys, [float(metrics[k]) * (100 if k.startswith('coco/') else 1) for k in keys]
 
 
+def weight_bytes(model) -> float:
+    """Bytes of the quantized layers' weights at their bit widths."""
+    return sum(m.weight.numel() * m.weight_quantizer.bits for _, m in quant_layers(model)) / 8
+
+
+def float_weight_bytes(model) -> float:
+    """Bytes of the conv / linear weights in float32 (the layers a conversion quantizes)."""
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)
+    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, kinds))
+
+
 def cell(values) -> str:
     return ' / '.join(f'{v:.2f}' for v in values)
 
@@ -217,7 +229,7 @@ def main(argv=None):
         metrics, _ = evaluate(float_model, loader, evaluator)
         metric_key, value = pick(metrics, metric_key)
         results.append(dict(bits='fp', column='float', value=value[0], values=value, metrics=metrics,
-                            eval_seconds=time.perf_counter() - t0))
+                            eval_seconds=time.perf_counter() - t0, weight_bytes=float_weight_bytes(float_model)))
         logger.info(f'float: {",".join(metric_key)} = {cell(value)}')
     logged_layers = False
     for bits in settings:
@@ -238,6 +250,7 @@ def main(argv=None):
             metric_key, value = pick(metrics, metric_key)
             results.append(dict(bits=bits, column=label, method=method, options=options,
                                 per_channel=per_channel, value=value[0], values=value, metrics=metrics,
+                                weight_bytes=weight_bytes(model),
                                 calib_seconds=calib, eval_seconds=time.perf_counter() - t0,
                                 correct=correct))
             logger.info(f'{bits} {label}: {",".join(metric_key)} = {cell(value)} (calibration {calib:.1f} s)')

@@ -328,3 +328,42 @@ def test_analyze_errors_are_one_line(args, message):
     proc = run_tool('tools/analyze.py', 'configs/resnet18_fashionmnist.py', 'missing.pth', *args, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_benchmark_plans_every_step_and_renders_tables_and_plots(tmp_path):
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    proc = run_tool('tools/benchmark.py', '--dry-run', '--mode', 'quick', '--out-dir', str(tmp_path),
+                    '--checkpoints', 'resnet18=missing_r18/epoch_8.pth')
+    names = [ln.split(':')[0] for ln in proc.stdout.splitlines()]
+    assert names[0] == 'train_resnet18'                      # a missing float checkpoint is trained first
+    assert {'ptq_resnet18', 'ptq_resnet18_qdrop', 'ptq_vgg11bn', 'qat', 'latency', 'ptq_retinanet'} <= set(names)
+    assert 'missing_r18/iter_100.pth' in proc.stdout.splitlines()[1]
+    # the report from ptq_table / qat_table results
+    results = [dict(bits='fp', column='float', value=92.0, weight_bytes=44e6),
+               dict(bits='w4a4', column='minmax (channel)', value=91.0, calib_seconds=2.0, weight_bytes=5.6e6),
+               dict(bits='w4a4', column='brecq (channel)', value=91.8, calib_seconds=300.0, weight_bytes=5.6e6),
+               dict(bits='w2a4', column='minmax (channel)', value=50.0, calib_seconds=2.0, weight_bytes=2.9e6),
+               dict(bits='w2a4', column='brecq (channel)', value=89.0, calib_seconds=310.0, weight_bytes=2.9e6)]
+    with open(tmp_path / 'ptq_resnet18.json', 'w') as f:
+        json.dump(dict(metric='accuracy/top1', calib_images=1024, results=results), f)
+    with open(tmp_path / 'qat.json', 'w') as f:
+        json.dump(dict(rows=[dict(method='lsq', bits='w4a4', top1=91.5, seconds=300, fp_top1=92.0)]), f)
+    env = dict(date='d', commit='c', machine='m', python='3.11', torch='t', mmengine='e', mmcv='v',
+               mmpretrain='p', mmdet='d', onnxruntime='o')
+    text = benchmark.report(str(tmp_path), env, 'quick', {'ptq_resnet18': (0, 12.0)})
+    assert '| W4A4 | 91.00 (2 s, 5.60 MB) | 91.80 (300 s, 5.60 MB) |' in text
+    assert '| FP | 92.00 (44.00 MB) | 92.00 (44.00 MB) |' in text
+    assert '| lsq | W4A4 | 91.50 | -0.50 | 300 |' in text and 'commit c' in text
+    for png in ('resnet18_bits.png', 'resnet18_pareto.png'):
+        assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG' and f'({png})' in text
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--steps', 'ptq,nosuch'], "error: unknown step 'ptq'; accepted: ptq_resnet18"),
+    (['--checkpoints', 'resnet50=x.pth'], "error: --checkpoints 'resnet50=x.pth': expected MODEL=PATH"),
+])
+def test_benchmark_errors_are_one_line(args, message):
+    proc = run_tool('tools/benchmark.py', '--dry-run', *args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith(message), proc.stderr

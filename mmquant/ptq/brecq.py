@@ -7,9 +7,10 @@
    74.3% with affine ones) from an Lp search of the clipping range, and activation ranges by the
    same search on calibration histograms (the ``mse`` observers). A config's qconfig may still
    ask for symmetric weights.
-2. Units (:func:`find_units`): residual blocks whole, every other quantized layer alone (or the
-   modules a config names), taken in execution order.
-3. For each unit: its float output on the calibration batches is the target; its input comes
+2. Units (:func:`find_units`): residual blocks whole, every other quantized layer alone, inside
+   its conv-norm-act wrapper where it has one (or the modules a config names), in execution order.
+3. For each unit: its float output on the calibration batches is the target (the float weights of
+   the units already reconstructed are swapped back in for it); its input comes
    from the network whose earlier units are already quantized (the later ones float); the unit
    learns its weight rounding (AdaRound) and its activation steps (LSQ) on minibatches drawn from
    that cache (:func:`reconstruct`), optionally with QDrop.
