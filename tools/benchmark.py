@@ -244,7 +244,7 @@ def plot_ptq(name, result, extra, out_dir):
     for c in dict.fromkeys(p[2] for p in pts):
         ax.scatter([p[0] for p in pts if p[2] == c], [p[1] for p in pts if p[2] == c], label=c, s=18)
     front, best = [], -float('inf')
-    for x, y, _ in sorted(pts):
+    for x, y, _ in sorted(pts, key=lambda p: (p[0], -p[1])):     # the best at each size first
         if y > best:
             front.append((x, y))
             best = y
