@@ -137,6 +137,23 @@ def test_bitsplit_fits_every_layer_of_stock_models(tmp_path, name):
         assert len(model.test_step(batch)) == len(batch['inputs'])
 
 
+def test_brecq_reconstructs_every_unit_of_retinanet(tmp_path):
+    """BRECQ on RetinaNet: residual blocks, FPN ConvModules and the shared head ConvModules (each
+    called once per FPN level) are units; every unit ends no worse than round-to-nearest."""
+    from mmquant.ptq import BRECQPTQ
+    model, batch = build(tmp_path, DETECTORS['retinanet_fashiondet'], 'mmdet'), det_batch()
+    ptq = BRECQPTQ(bits='w4a8', iters=3, batch_size=4)
+    ptq.convert(model, lambda: tensor_forward(model, batch))
+    records = ptq.calibrate(model, [batch], forward_fn=tensor_forward)
+    by = {r.name: r for r in records}
+    assert 'neck.fpn_convs.0' in by and 'bbox_head.cls_convs.0' in by and 'backbone.layer1.0' in by
+    assert by['bbox_head.cls_convs.0'].samples == 5 * by['neck.fpn_convs.0'].samples      # five levels
+    assert sorted(l for r in records for l in r.layers) == sorted(n for n, _ in quant_layers(model))
+    assert all(r.loss <= r.loss_rtn * (1 + 1e-6) for r in records if r.loss is not None)
+    with torch.no_grad():
+        assert len(model.test_step(batch)) == len(batch['inputs'])
+
+
 @pytest.mark.parametrize('config,method,bits', [('fcos_r18_dorefa_w2a2.py', 'dorefa', 'w2a2'),
                                                 ('retinanet_r18_lsq_w4a4.py', 'lsq', 'w4a4')])
 def test_detector_qat_configs_build_and_train_a_step(config, method, bits):
