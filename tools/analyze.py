@@ -32,6 +32,7 @@ import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoi
 from mmquant.analysis import layer_sensitivity, suggest_bits, weight_noise  # noqa: E402
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.progress import Progress  # noqa: E402
+from mmquant.fileio import write_atomic, write_text_atomic  # noqa: E402
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 from mmquant.quantizers.scheme import check_bits  # noqa: E402
@@ -54,24 +55,6 @@ def parse_args(argv=None):
                    help='quantize uniform and suggested, evaluate both on the whole test set')
     p.add_argument('--out-dir', default=None, help='default work_dirs/analyze/<config name>_<bits>')
     return p.parse_args(argv)
-
-
-def _write(path: str, write):
-    """Write through a temp file in the same folder, then rename (nothing half-written)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    _write(path, write)
 
 
 def top1(batches):
@@ -144,7 +127,7 @@ def plot(rows, float_metric, path, title):
         ax.set_xticklabels(names, rotation=75, fontsize=7)
     axes[0, 0].set_title(title, fontsize=9)
     fig.tight_layout()
-    _write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
     plt.close(fig)
 
 
@@ -222,7 +205,7 @@ def main(argv=None):
                   layers=[dict(r.__dict__, noise={str(k): v for k, v in r.noise.items()}) for r in rows],
                   avg_bits=avg, fixed_layers=fixed, suggested=chosen)
     mixed_path = osp.join(out_dir, f'mixed_{args.quant_bits}.py')
-    _write_text(mixed_path, mixed_config(args.config, out_dir, args.quant, args.quant_bits, chosen))
+    write_text_atomic(mixed_path, mixed_config(args.config, out_dir, args.quant, args.quant_bits, chosen))
     plot(rows, float_metric, osp.join(out_dir, 'sensitivity.png'),
          f'{name}: {args.quant} {args.quant_bits}, {n_eval} test images')
 
@@ -238,7 +221,7 @@ def main(argv=None):
             print(f'{label}: weights {weight_bytes(m) / 1e6:.3f} MB, ' +
                   ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
         result['verify'] = rows_out
-    _write_text(osp.join(out_dir, 'sensitivity.json'), json.dumps(result, indent=2, default=float))
+    write_text_atomic(osp.join(out_dir, 'sensitivity.json'), json.dumps(result, indent=2, default=float))
     print(f'wrote {out_dir}/sensitivity.json, sensitivity.png, {osp.basename(mixed_path)}')
     return result
 

@@ -26,6 +26,8 @@ import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
+sys.path.insert(0, ROOT)
+from mmquant.fileio import write_atomic, write_text_atomic  # noqa: E402
 
 CHECKPOINTS = dict(
     resnet18='work_dirs/resnet18_fashionmnist/epoch_8.pth',
@@ -154,13 +156,6 @@ def run(name, argv, out_dir):
     return proc.returncode, time.time() - t0, text
 
 
-def write_text(path, text):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def environment() -> dict:
     def version(mod):
         try:
@@ -231,12 +226,8 @@ def plot_ptq(name, result, extra, out_dir):
         ax.axhline(fp['value'], color='grey', ls='--', lw=1, label='float')
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels([b.upper() for b in settings])
-    ax.set_ylabel(result['metric'])
-    ax.set_title(f'{name}: accuracy against bits')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(_save(fig, osp.join(out_dir, f'{name}_bits.png')))
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against bits',
+                         osp.join(out_dir, f'{name}_bits.png')))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     pts = [(r['weight_bytes'] / 1e6, r['value'], r['column']) for r in rows if r.get('weight_bytes')]
     if fp and fp.get('weight_bytes'):
@@ -252,19 +243,19 @@ def plot_ptq(name, result, extra, out_dir):
         ax.step([p[0] for p in front], [p[1] for p in front], where='post', color='black', lw=1, label='Pareto front')
     ax.set_xscale('log')
     ax.set_xlabel('weights (MB)')
-    ax.set_ylabel(result['metric'])
-    ax.set_title(f'{name}: accuracy against size')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(_save(fig, osp.join(out_dir, f'{name}_pareto.png')))
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against size',
+                         osp.join(out_dir, f'{name}_pareto.png')))
     return paths
 
 
-def _save(fig, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    fig.savefig(tmp, format='png', dpi=110)
-    os.replace(tmp, path)
+def _finish(plt, fig, ax, ylabel, title, path):
+    """Label, lay out and write one plot (PNG, atomically); returns its path."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
+    plt.close(fig)
     return path
 
 
@@ -351,10 +342,10 @@ def main(argv=None):
               f'({secs:.0f} s)', flush=True)
         if rc == 0 and name == 'latency':
             table = [ln for ln in text.splitlines() if ln.startswith('|') or ln.startswith('onnxruntime ')]
-            write_text(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
+            write_text_atomic(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
     env = environment()
     text = report(out_dir, env, args.mode, done)
-    write_text(osp.join(out_dir, 'results.md'), text)
+    write_text_atomic(osp.join(out_dir, 'results.md'), text)
     print(text)
     print(f'wrote {out_dir}/results.md')
     failed = [n for n, (rc, _) in done.items() if rc != 0]
