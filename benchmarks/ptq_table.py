@@ -34,7 +34,7 @@ import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoi
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
                                      mm_method_options, task_loss, tensor_forward)
-from mmquant.convert import quant_layers  # noqa: E402
+from mmquant.convert import weight_bytes  # noqa: E402
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
@@ -175,11 +175,6 @@ def pick(metrics: dict, keys):
     if missing:
         fail(f'metric {missing[0]!r} not in {sorted(metrics)}')
     return keys, [float(metrics[k]) * (100 if k.startswith('coco/') else 1) for k in keys]
-
-
-def weight_bytes(model) -> float:
-    """Bytes of the quantized layers' weights at their bit widths."""
-    return sum(m.weight.numel() * m.weight_quantizer.bits for _, m in quant_layers(model)) / 8
 
 
 def float_weight_bytes(model) -> float:

@@ -254,3 +254,9 @@ def activation_quantizers(model: nn.Module):
 def all_quantizers(model: nn.Module):
     """Every weight and activation quantizer in the model."""
     return [m.weight_quantizer for _, m in quant_layers(model)] + [q for _, q in activation_quantizers(model)]
+
+
+def weight_bytes(model: nn.Module) -> float:
+    """Bytes of the quantized layers' weights at their bit widths (the model's size on an integer
+    target, biases and float layers aside)."""
+    return sum(m.weight.numel() * m.weight_quantizer.bits for _, m in quant_layers(model)) / 8

@@ -29,7 +29,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
-from mmquant.analysis import layer_sensitivity, suggest_bits, weight_noise  # noqa: E402
+from mmquant.analysis import float_outputs, layer_sensitivity, suggest_bits, weight_noise  # noqa: E402
+from mmquant.convert import weight_bytes  # noqa: E402
 from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.progress import Progress  # noqa: E402
 from mmquant.fileio import write_atomic, write_text_atomic  # noqa: E402
@@ -85,11 +86,6 @@ def quantize(float_model, method, bits, qconfig, batches, fwd):
     t0 = time.perf_counter()
     ptq.calibrate(model, batches, forward_fn=fwd)
     return model, report, time.perf_counter() - t0
-
-
-def weight_bytes(model) -> float:
-    from mmquant.convert import quant_layers
-    return sum(m.weight.numel() * m.weight_quantizer.bits for _, m in quant_layers(model)) / 8
 
 
 def table(rows, float_metric) -> str:
@@ -182,11 +178,13 @@ def main(argv=None):
     model, report, calib_s = quantize(float_model, args.quant, args.quant_bits, None, calib, tensor_forward)
     logger.info(f'{args.quant} {args.quant_bits}: calibrated on {n_calib} images in {calib_s:.1f} s; '
                 f'views on {n_eval} test images')
+    reference = float_outputs(model, evals, tensor_forward)      # one float pass serves both steps
     bar = Progress(len(report.quantized), 'sensitivity: layers', logger)
-    float_metric, rows = layer_sensitivity(model, evals, tensor_forward, metric_fn, progress=bar)
+    float_metric, rows = layer_sensitivity(model, evals, tensor_forward, metric_fn, progress=bar,
+                                           reference=reference)
     bar.close()
     bar = Progress(len(rows), f'sensitivity: weight noise at {candidates} bits', logger)
-    weight_noise(model, rows, candidates, evals, tensor_forward, progress=bar)
+    weight_noise(model, rows, candidates, evals, tensor_forward, progress=bar, reference=reference)
     bar.close()
     fixed = list(report.first_layers) + list(report.last_layers)
     try:
@@ -217,8 +215,9 @@ def main(argv=None):
                                ('suggested', dict(overrides={n: dict(w_bits=b) for n, b in chosen.items()}))):
             m, _, secs = quantize(float_model, args.quant, args.quant_bits, qconfig, calib, tensor_forward)
             metrics = evaluate(m, loader, evaluator)
-            rows_out.append(dict(label=label, weight_bytes=weight_bytes(m), metrics=metrics, calib_seconds=secs))
-            print(f'{label}: weights {weight_bytes(m) / 1e6:.3f} MB, ' +
+            size = weight_bytes(m)
+            rows_out.append(dict(label=label, weight_bytes=size, metrics=metrics, calib_seconds=secs))
+            print(f'{label}: weights {size / 1e6:.3f} MB, ' +
                   ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
         result['verify'] = rows_out
     write_text_atomic(osp.join(out_dir, 'sensitivity.json'), json.dumps(result, indent=2, default=float))

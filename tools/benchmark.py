@@ -29,6 +29,9 @@ PY = sys.executable
 sys.path.insert(0, ROOT)
 from mmquant.fileio import write_atomic, write_text_atomic  # noqa: E402
 
+sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+from qat_table import fail  # noqa: E402  (the benchmarks' one-line error)
+
 CHECKPOINTS = dict(
     resnet18='work_dirs/resnet18_fashionmnist/epoch_8.pth',
     vgg11bn='work_dirs/vgg11bn_fashionmnist/epoch_4.pth',
@@ -45,11 +48,6 @@ MODES = dict(
     full=dict(bits='w4,w3,w2,w4a4,w3a3,w2a4', brecq_iters=500, calib=1024, test=None, det_bits='w8a8,w4a8',
               det_calib=64, det_test=None, qat_runs=None, qat_images=None, latency_runs=50, train_iters=None))
 STEPS = ('ptq_resnet18', 'ptq_vgg11bn', 'qat', 'latency', 'ptq_retinanet')
-
-
-def fail(msg: str):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv=None):
@@ -78,7 +76,7 @@ def check_args(args):
     return steps, ckpts
 
 
-def subset(n, det=False):
+def subset(n):
     """--cfg-options that cut the test set to its first ``n`` images (``None``: all)."""
     if n is None:
         return []
@@ -142,7 +140,7 @@ def train_command(model, mode, ckpt):
     if iters:
         argv += ['--cfg-options', 'train_cfg.type=IterBasedTrainLoop', f'train_cfg.max_iters={iters}',
                  'train_cfg.val_interval=100000', 'param_scheduler=[]',
-                 f'default_hooks.checkpoint.by_epoch=False', f'default_hooks.checkpoint.interval={iters}']
+                 'default_hooks.checkpoint.by_epoch=False', f'default_hooks.checkpoint.interval={iters}']
     return argv
 
 
@@ -180,15 +178,10 @@ def environment() -> dict:
                 **{m: version(m) for m in ('torch', 'mmengine', 'mmcv', 'mmpretrain', 'mmdet', 'onnxruntime')})
 
 
-def _cells(result):
-    """``{(bits, column): cell}`` of a ptq_table JSON."""
-    return {(r['bits'], r['column']): r for r in result['results']}
-
-
 def ptq_markdown(title, result, extra=None) -> str:
     """One table: rows = bit settings, columns = methods; accuracy with calibration seconds."""
     rows = list(result['results']) + (list(extra['results']) if extra else [])
-    settings = [b for b in dict.fromkeys(r['bits'] for r in rows)]
+    settings = list(dict.fromkeys(r['bits'] for r in rows))
     columns = [c for c in dict.fromkeys(r['column'] for r in rows if r['bits'] != 'fp')]
     cells = {(r['bits'], r['column']): r for r in rows}
     lines = [f'**{title}** ({result["metric"]}, {result["calib_images"]} calibration images; '

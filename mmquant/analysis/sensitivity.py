@@ -24,7 +24,7 @@ from ..calibrate import disabled
 from ..convert import all_quantizers, quant_layers
 from ..ptq.mixed_precision import choose_bits, set_weight_bits
 
-__all__ = ['LayerSensitivity', 'flat_outputs', 'compare', 'layer_sensitivity', 'weight_noise',
+__all__ = ['LayerSensitivity', 'flat_outputs', 'float_outputs', 'compare', 'layer_sensitivity', 'weight_noise',
            'suggest_bits']
 
 
@@ -73,6 +73,13 @@ def run(model: nn.Module, batches: Sequence, forward_fn: Callable) -> List[torch
     return [flat_outputs(forward_fn(model, b)) for b in batches]
 
 
+def float_outputs(model: nn.Module, batches: Sequence, forward_fn: Optional[Callable] = None) -> List[torch.Tensor]:
+    """The flattened outputs of every batch with every quantizer off: the reference both
+    :func:`layer_sensitivity` and :func:`weight_noise` compare with (pass it to both to run it once)."""
+    with disabled(all_quantizers(model)):
+        return run(model, batches, forward_fn or (lambda m, b: m(b)))
+
+
 def compare(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]):
     """``(sqnr_db, mean cosine)`` of ``out`` against ``ref`` over all batches; SQNR is ``inf``
     where the outputs are equal."""
@@ -94,10 +101,12 @@ def _layer_quantizers(layer) -> list:
 def layer_sensitivity(model: nn.Module, batches: Sequence, forward_fn: Optional[Callable] = None,
                       metric_fn: Optional[Callable[[List[torch.Tensor]], float]] = None,
                       layers: Optional[Sequence[str]] = None,
-                      progress: Optional[Callable[[int, int], None]] = None):
+                      progress: Optional[Callable[[int, int], None]] = None,
+                      reference: Optional[List[torch.Tensor]] = None):
     """``(float metric or None, rows)``: one :class:`LayerSensitivity` per quantized layer of
     ``model`` (converted and calibrated; or only those named in ``layers``), in model order.
-    ``metric_fn(outputs)`` gets the flattened outputs of every batch, in order."""
+    ``metric_fn(outputs)`` gets the flattened outputs of every batch, in order; ``reference``: the
+    :func:`float_outputs` of the same batches, if already computed."""
     forward_fn = forward_fn or (lambda m, b: m(b))
     named = quant_layers(model)
     if layers is not None:
@@ -107,8 +116,7 @@ def layer_sensitivity(model: nn.Module, batches: Sequence, forward_fn: Optional[
             raise ValueError(f'{unknown[0]!r} is not a quantized layer; quantized: {", ".join(sorted(known))}')
         named = [(n, m) for n, m in named if n in set(layers)]
     every = all_quantizers(model)
-    with disabled(every):
-        ref = run(model, batches, forward_fn)
+    ref = reference if reference is not None else float_outputs(model, batches, forward_fn)
     float_metric = metric_fn(ref) if metric_fn else None
     rows = []
     for k, (name, layer) in enumerate(named):
@@ -130,15 +138,16 @@ def layer_sensitivity(model: nn.Module, batches: Sequence, forward_fn: Optional[
 
 def weight_noise(model: nn.Module, rows: Sequence[LayerSensitivity], candidates: Sequence[int],
                  batches: Sequence, forward_fn: Optional[Callable] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 reference: Optional[List[torch.Tensor]] = None) -> None:
     """Fill ``row.noise[b]`` for each row and candidate width ``b``: the output noise power
     relative to the signal (``10 ** (-SQNR / 10)``) with only that layer's weight quantized, at
-    ``b`` bits on a grid fitted by its weight observer. The layer's own quantizer is put back."""
+    ``b`` bits on a grid fitted by its weight observer. The layer's own quantizer is put back.
+    ``reference``: as for :func:`layer_sensitivity`."""
     forward_fn = forward_fn or (lambda m, b: m(b))
     layers = dict(quant_layers(model))
     every = all_quantizers(model)
-    with disabled(every):
-        ref = run(model, batches, forward_fn)
+    ref = reference if reference is not None else float_outputs(model, batches, forward_fn)
     for k, row in enumerate(rows):
         layer = layers[row.name]
         kept = layer.weight_quantizer

@@ -78,11 +78,12 @@ def find_units(model: nn.Module, blocks: Optional[Sequence[str]] = None,
                 layers = _quant_layers_in(child, path)
                 if layers:
                     units.append(Unit(path, child, layers))
-            elif (type(child).__name__ in LAYER_WRAPPERS and len(_quant_layers_in(child, path)) == 1
-                  and not any(c.startswith(path + '.') for c in chosen)):
-                units.append(Unit(path, child, _quant_layers_in(child, path)))
             else:
-                walk(child, path)
+                wrapped = _quant_layers_in(child, path) if type(child).__name__ in LAYER_WRAPPERS else []
+                if len(wrapped) == 1 and not any(c.startswith(path + '.') for c in chosen):
+                    units.append(Unit(path, child, wrapped))
+                else:
+                    walk(child, path)
 
     walk(model, '')
     return units
