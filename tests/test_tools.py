@@ -333,12 +333,16 @@ def test_analyze_errors_are_one_line(args, message):
 def test_benchmark_plans_every_step_and_renders_tables_and_plots(tmp_path):
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark
+    # every checkpoint missing, so the plan does not depend on what this checkout's work_dirs holds
     proc = run_tool('tools/benchmark.py', '--dry-run', '--mode', 'quick', '--out-dir', str(tmp_path),
-                    '--checkpoints', 'resnet18=missing_r18/epoch_8.pth')
-    names = [ln.split(':')[0] for ln in proc.stdout.splitlines()]
-    assert names[0] == 'train_resnet18'                      # a missing float checkpoint is trained first
+                    '--checkpoints', 'resnet18=missing_r18/epoch_8.pth', 'vgg11bn=missing_vgg/epoch_4.pth',
+                    'retinanet=missing_det/epoch_2.pth')
+    lines = dict(ln.split(': ', 1) for ln in proc.stdout.splitlines())
+    names = list(lines)
+    assert names[:3] == ['train_resnet18', 'train_vgg11bn', 'train_retinanet']  # missing float checkpoints first
     assert {'ptq_resnet18', 'ptq_resnet18_qdrop', 'ptq_vgg11bn', 'qat', 'latency', 'ptq_retinanet'} <= set(names)
-    assert 'missing_r18/iter_100.pth' in proc.stdout.splitlines()[1]
+    assert 'missing_r18/iter_100.pth' in lines['ptq_resnet18']   # the step uses the checkpoint it just trained
+    assert 'missing_vgg/iter_100.pth' in lines['ptq_vgg11bn']
     # the report from ptq_table / qat_table results
     results = [dict(bits='fp', column='float', value=92.0, weight_bytes=44e6),
                dict(bits='w4a4', column='minmax (channel)', value=91.0, calib_seconds=2.0, weight_bytes=5.6e6),
