@@ -47,7 +47,7 @@ class LayerQConfig:
     w_observer_kwargs: dict = field(default_factory=dict)
     a_observer_kwargs: dict = field(default_factory=dict)
     # 'uniform' (observer-calibrated grid), 'fixed' (F8Net's fixed point, 2..8 bits) or a trained
-    # quantizer: lsq, pact, dorefa, lqnet, xnor, xnorpp, bireal (weights), sign (activations);
+    # quantizer: lsq, pact, dorefa, sat, lqnet, xnor, xnorpp, bireal (weights), sign (activations);
     # the kwargs go to its constructor
     w_quantizer: str = 'uniform'
     a_quantizer: str = 'uniform'

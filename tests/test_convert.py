@@ -154,7 +154,7 @@ def test_parse_bits_and_unknown_method_errors():
         parse_bits('w0a8')
     with pytest.raises(ValueError, match='bad bit spec'):
         parse_bits('int8')
-    with pytest.raises(ValueError, match="unknown quantization method 'nosuch'; accepted: bitsplit, brecq, f8net, kl, minmax, mse, percentile"):
+    with pytest.raises(ValueError, match="unknown quantization method 'nosuch'; accepted: aciq, bitsplit, brecq, f8net, kl, lapq, minmax, mse, percentile"):
         build_ptq('nosuch')
     with pytest.raises(ValueError, match="unknown qconfig keys \\['bitz'\\]"):
         QConfig.build(dict(bitz=3))

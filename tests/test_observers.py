@@ -98,7 +98,7 @@ def test_kl_observer_on_laplace_activations_clips_below_max():
 
 
 def test_unknown_observer_and_per_channel_kl_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown observer 'nope'; accepted: kl, minmax, mse, percentile"):
+    with pytest.raises(ValueError, match="unknown observer 'nope'; accepted: aciq, kl, minmax, mse, percentile"):
         build_observer('nope')
     with pytest.raises(ValueError, match='per-tensor'):
         build_observer('kl', per_channel=True)

@@ -476,7 +476,7 @@ CLI_ERRORS = [
     (['--quant', 'xnor', '--quant-bits', 'w2a2'],
      'error: w_bits=2 is out of range for the xnor quantizer: it is 1-bit only'),
     (['--quant', 'nosuchmethod'], "error: unknown quantization method 'nosuchmethod'; accepted for training: "
-                                  'bireal, dorefa, f8net, groupnet, lqnet, lsq, pact, xnor, xnorpp (QAT)'),
+                                  'bireal, dorefa, f8net, groupnet, lqnet, lsq, pact, sat, xnor, xnorpp (QAT)'),
 ]
 
 

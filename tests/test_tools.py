@@ -200,7 +200,7 @@ def test_fake_quant_training_and_resume(float_run):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--quant', 'nosuchmethod'], "error: unknown quantization method 'nosuchmethod'; accepted: bitsplit, brecq, f8net, kl, minmax, mse, percentile"),
+    (['--quant', 'nosuchmethod'], "error: unknown quantization method 'nosuchmethod'; accepted: aciq, bitsplit, brecq, f8net, kl, lapq, minmax, mse, percentile"),
     (['--quant', 'minmax', '--quant-bits', 'w0a8'], "error: weight bits in 'w0a8'=0 is out of range"),
     (['--quant-bits', 'w4a8'], 'error: --quant-bits needs --quant NAME'),
 ])

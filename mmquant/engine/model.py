@@ -48,7 +48,7 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     are taken. ``data_preprocessor`` (which the Runner passes from the config's top level) goes to
     the architecture unless it has its own.
 
-    ``method``: a QAT method (``dorefa``, ``pact``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
+    ``method``: a QAT method (``dorefa``, ``pact``, ``sat``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
     ``bireal``, ``groupnet``, ``f8net``): its quantizers and block rewrite, under ``qconfig``;
     ``branches`` is Group-Net's K. F8Net's conv -> BatchNorm fusion traces the model once on a
     random 64 x 64 image (:func:`probe_forward`)."""

@@ -227,6 +227,9 @@ class PTQLoop(TestLoop):
         if missing:
             raise ValueError(f'{path} holds quantizers for another layer set: {len(missing)} missing, '
                              f'e.g. {missing[0]!r}; quantize again from the float checkpoint')
+        for name, layer in quant_layers(model):        # biases a method added (bias correction)
+            if layer.bias is None and f'{name}.bias' in state:
+                layer.bias = torch.nn.Parameter(torch.zeros_like(state[f'{name}.bias']))
         model.load_state_dict(state, strict=False)
         self.runner.logger.info(f'mmquant: restored calibrated quantizers from {path}; no calibration')
         return True

@@ -1,11 +1,13 @@
-"""Range estimators for calibration: min-max, percentile, MSE (Lp search), KL (entropy)."""
+"""Range estimators for calibration: min-max, percentile, MSE (Lp search), KL (entropy), ACIQ
+(analytical clip of a Laplace / Gauss fit)."""
+from .aciq import ACIQObserver
 from .base import Observer
 from .kl import KLObserver
 from .minmax import MinMaxObserver
 from .mse import MSEObserver
 from .percentile import PercentileObserver
 
-OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MSEObserver, KLObserver)}
+OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MSEObserver, KLObserver, ACIQObserver)}
 
 
 def build_observer(name: str, per_channel: bool = False, ch_axis: int = 0, **kwargs) -> Observer:
@@ -15,5 +17,5 @@ def build_observer(name: str, per_channel: bool = False, ch_axis: int = 0, **kwa
     return OBSERVERS[name](per_channel=per_channel, ch_axis=ch_axis, **kwargs)
 
 
-__all__ = ['Observer', 'MinMaxObserver', 'PercentileObserver', 'MSEObserver', 'KLObserver',
+__all__ = ['Observer', 'MinMaxObserver', 'PercentileObserver', 'MSEObserver', 'KLObserver', 'ACIQObserver',
            'OBSERVERS', 'build_observer']

@@ -5,7 +5,8 @@ from .base import PTQ_METHODS, PTQMethod, check_method, register_ptq
 from .bitsplit import BitSplitPTQ
 from .brecq import BRECQPTQ
 from .f8net import F8NetPTQ
-from .observer_ptq import KLPTQ, MSEPTQ, MinMaxPTQ, PercentilePTQ
+from .lapq import LAPQPTQ
+from .observer_ptq import ACIQPTQ, KLPTQ, MSEPTQ, MinMaxPTQ, PercentilePTQ
 
 
 def build_ptq(name: str, qconfig=None, bits=None, **options) -> PTQMethod:
@@ -21,4 +22,4 @@ def build_ptq(name: str, qconfig=None, bits=None, **options) -> PTQMethod:
 
 
 __all__ = ['PTQ_METHODS', 'PTQMethod', 'register_ptq', 'build_ptq', 'check_method',
-           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'BitSplitPTQ', 'BRECQPTQ', 'F8NetPTQ']
+           'MinMaxPTQ', 'PercentilePTQ', 'MSEPTQ', 'KLPTQ', 'ACIQPTQ', 'BitSplitPTQ', 'BRECQPTQ', 'F8NetPTQ', 'LAPQPTQ']

@@ -45,6 +45,8 @@ def _binary(name, paper, w, a_kwargs, rewrite):
 QAT_METHODS: Dict[str, QATMethod] = {m.name: m for m in (
     QATMethod('dorefa', 'DoReFa-Net (Zhou et al. 2016)', dict(w_quantizer='dorefa', a_quantizer='dorefa')),
     QATMethod('pact', 'PACT (Choi et al. 2018)', dict(w_quantizer='dorefa', a_quantizer='pact')),
+    # DoReFa weights rescaled to variance 1 / n_out, PACT with the calibrated clip-level gradient
+    QATMethod('sat', 'SAT (Jin, Yang & Liao 2019)', dict(w_quantizer='sat', a_quantizer='sat')),
     QATMethod('lsq', 'LSQ (Esser et al. ICLR 2020)', dict(w_quantizer='lsq', a_quantizer='lsq')),
     QATMethod('lqnet', 'LQ-Net (Zhang et al. ECCV 2018)',
               dict(w_quantizer='lqnet', a_quantizer='lqnet', w_per_channel=True)),

@@ -8,6 +8,7 @@ from .learned import QATQuantizer
 from .lqnet import LQNetQuantizer
 from .lsq import LSQQuantizer, lsq_fake_quantize
 from .pact import PACTQuantizer, pact_quantize
+from .sat import CGPACTQuantizer, SATWeightQuantizer, cg_pact_quantize
 from .registry import QUANTIZERS, build_quantizer, check_quantizer_bits, quantizer_class
 from .scheme import MAX_BITS, MIN_BITS, QScheme, check_bits
 from .uniform import UniformQuantizer
@@ -18,4 +19,5 @@ __all__ = ['QScheme', 'check_bits', 'MIN_BITS', 'MAX_BITS', 'UniformQuantizer', 
            'DoReFaActQuantizer', 'LQNetQuantizer', 'XNORWeightQuantizer',
            'XNORPPWeightQuantizer', 'BiRealWeightQuantizer', 'SignActQuantizer', 'sign_ste',
            'approx_sign', 'QUANTIZERS', 'build_quantizer', 'check_quantizer_bits', 'quantizer_class',
-           'FixedPointQuantizer', 'fixed_point_quantize']
+           'FixedPointQuantizer', 'fixed_point_quantize', 'SATWeightQuantizer', 'CGPACTQuantizer',
+           'cg_pact_quantize']

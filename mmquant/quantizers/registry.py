@@ -7,12 +7,14 @@ from .fixed_point import FixedPointQuantizer
 from .lqnet import LQNetQuantizer
 from .lsq import LSQQuantizer
 from .pact import PACTQuantizer
+from .sat import CGPACTQuantizer, SATWeightQuantizer
 from .scheme import MAX_BITS, MIN_BITS
 
 # name -> (weight quantizer class or None, activation quantizer class or None)
 QUANTIZERS: Dict[str, Tuple[type, type]] = {
     'lsq': (LSQQuantizer, LSQQuantizer),
     'pact': (None, PACTQuantizer),
+    'sat': (SATWeightQuantizer, CGPACTQuantizer),
     'dorefa': (DoReFaWeightQuantizer, DoReFaActQuantizer),
     'lqnet': (LQNetQuantizer, LQNetQuantizer),
     'xnor': (XNORWeightQuantizer, None),
