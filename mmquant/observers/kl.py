@@ -33,7 +33,8 @@ def kl_threshold(hist: torch.Tensor, num_levels: int) -> int:
 
 class KLObserver(DistributionObserver):
     """TensorRT-style entropy calibration for per-tensor activations: a histogram of ``|x|``
-    (``bins`` bins) and the clip threshold that minimises KL(float || quantized)."""
+    (``bins`` bins, the zero bin flattened to its neighbour) and the clip threshold that
+    minimises KL(float || quantized)."""
     name = 'kl'
 
     def __init__(self, per_channel=False, ch_axis=0, bins=2048):
@@ -49,6 +50,13 @@ class KLObserver(DistributionObserver):
             pad = (-folded.numel()) % factor
             folded = torch.cat([folded, folded.new_zeros(pad)]).reshape(-1, factor).sum(1)
         width = self.stat.width * factor
+        if folded.numel() > 1:
+            # post-ReLU data puts a large share of its values exactly at 0; that spike is exact on
+            # any grid but dominates the divergence, which then favours clips far below what the
+            # rest of the data needs (ResNet-18 W4A8: clips at 25-45% of the maximum, -5.7 points).
+            # Flatten it to its neighbour, as TensorRT-style entropy calibrators do.
+            folded = folded.clone()
+            folded[0] = folded[1]
         qmin, qmax = scheme.qrange(signed)
         i = kl_threshold(folded, qmax + 1)
         t = torch.as_tensor(i * width, dtype=torch.float32)

@@ -33,16 +33,20 @@ class PTQMethod:
     """A PTQ method: default layer settings, then ``convert`` + ``calibrate`` on a model.
 
     Subclasses set ``layer_defaults`` (fields of :class:`LayerQConfig` that the method implies,
-    which a user's qconfig may still override) and implement :meth:`calibrate`.
+    which a user's qconfig may still override), optionally ``io_defaults`` (the same for the
+    first / last layers), and implement :meth:`calibrate`.
     """
     name = 'base'
     layer_defaults: dict = {}
+    io_defaults: dict = {}   # the same for the first / last layers (QConfig.io_layer)
     fold_bn = False     # fold each BatchNorm into the conv before it, before converting
     quant_residual = False   # quantize ResNet blocks' residual streams (mmquant.nn.quantize_residuals)
 
     def __init__(self, qconfig=None, bits: Optional[str] = None):
         cfg = qconfig.to_dict() if isinstance(qconfig, QConfig) else dict(qconfig or {})
         cfg['default'] = {**self.layer_defaults, **dict(cfg.get('default') or {})}
+        if self.io_defaults:
+            cfg['io_layer'] = {**self.io_defaults, **dict(cfg.get('io_layer') or {})}
         self.qconfig = QConfig.build(cfg, bits=bits)
 
     def convert(self, model: nn.Module, example_forward: Optional[Callable] = None,
