@@ -186,3 +186,68 @@ def test_f8net_qat_model_with_pact_clipping_exports(tmp_path):
     model.eval()
     path = export_int(model, example, str(tmp_path / 'int.onnx'))
     run_checked(path, torch.randn(8, 3, 12, 12), model, atol=lambda ref: 1e-4 * np.abs(ref).max())
+
+
+class InvertedResidualLike(nn.Module):
+    """MobileNetV2's block: 1x1 expand, ReLU6, depthwise 3x3, ReLU6, 1x1 project, residual add."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.expand, self.bn1 = nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24)
+        self.dw, self.bn2 = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24)
+        self.project, self.bn3 = nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        for bn in (self.bn0, self.bn1, self.bn2, self.bn3):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(2.0, 4.0)        # large enough that ReLU6 clips some values
+            bn.bias.data.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.bn0(self.stem(x)))
+        y = nn.functional.relu6(self.bn1(self.expand(x)))
+        y = nn.functional.relu6(self.bn2(self.dw(y)))
+        x = x + self.bn3(self.project(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize('fold_bn', [False, True])
+def test_depthwise_and_relu6_export_and_the_cap_clips_a_wider_grid(tmp_path, fold_bn):
+    model = InvertedResidualLike()
+    batches = [torch.randn(8, 3, 10, 10) for _ in range(2)]
+    quantize(model, batches, 'minmax', 'w8a8', qconfig=dict(first_layer_bits=None, last_layer_bits=None),
+             fold_bn=fold_bn)
+    with torch.no_grad():   # the depthwise conv's input grid now reaches 10.2: only the ReLU6 cap stops at 6
+        model.dw.input_quantizer.scale.mul_(1.7)    # (not 2: 6 / scale would sit on a rounding tie)
+    path = export_int(model, batches[0], str(tmp_path / 'int.onnx'))
+    graph = onnx.load(path)
+    assert [n for n in graph.graph.node if n.op_type == 'ConvInteger' and
+            any(a.name == 'group' and a.i == 24 for a in n.attribute)]
+    x = torch.randn(8, 3, 10, 10)
+    run_checked(path, x, model, atol=1e-5)
+    seen = []
+    handle = model.dw.input_quantizer.register_forward_hook(lambda m, i, o: seen.append(float(i[0].max())))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert seen == [6.0]                             # values were clipped by the cap, not the grid
+
+
+def test_clip_with_a_nonzero_lower_bound_is_refused(tmp_path):
+    class Hardtanh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.clamp(self.conv(x), -1.0, 1.0)
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    model = Hardtanh().eval()
+    batches = [torch.randn(4, 3, 8, 8)]
+    quantize(model, batches, 'minmax', 'w8a8')
+    with pytest.raises(IntExportError, match='a Clip with a lower bound other than 0'):
+        export_int(model, batches[0], str(tmp_path / 'int.onnx'))

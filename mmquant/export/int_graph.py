@@ -15,7 +15,8 @@ an integer:
   ``2^-n`` output steps), not at the accumulator scale: at 4 bits the accumulator step
   ``s_x * s_w`` is coarse, and an ``int32`` bias rounded to it moved 0.4% of the codes after the
   first residual block of ResNet-18 (and 0.2 points of top-1) against the fake-quant model;
-* ReLU is remembered and applied at the next requantisation (as the clamp's lower bound);
+* ReLU is remembered and applied at the next requantisation (as the clamp's lower bound); so is
+  ReLU6 / any ``Clip(0, c)`` (MobileNetV2), whose ``c`` becomes the clamp's upper bound;
 * a residual add, max-pool, global average pool or reshape works on an ``int32`` tensor with one
   power-of-two scale ``t`` chosen from a worst-case bound of the values (so ``int32`` never
   overflows while keeping about 30 bits of precision);
@@ -60,13 +61,15 @@ class Codes:
 @dataclass
 class Acc:
     """An int32 tensor: real value = scale[c] * x + bias[c] along axis 1 (or one scale, no bias);
-    ``bound``: the largest |real value| it can hold; ``relu``: a ReLU still to apply. The bias
-    (real units) and the ReLU are applied by the next requantisation."""
+    ``bound``: the largest |real value| it can hold; ``relu``: a ReLU still to apply, ``cap``: with
+    it, an upper clip in real units still to apply (ReLU6). The bias (real units), the ReLU and the
+    cap are applied by the next requantisation."""
     name: str
     scale: np.ndarray
     bound: float
     relu: bool = False
     bias: Optional[np.ndarray] = None
+    cap: Optional[float] = None
 
     @property
     def per_tensor(self) -> bool:
@@ -201,10 +204,14 @@ class IntegerLowering:
 
     def requant(self, a: Acc, scale: float, zp: int, lo: int, hi: int, rank: int, out_type: int) -> str:
         """``clip(round((a.scale * a + a.bias) / scale) + zp, lo, hi)`` as integer ops, cast to
-        ``out_type``; a pending ReLU raises ``lo`` to ``zp``."""
+        ``out_type``; a pending ReLU raises ``lo`` to ``zp``, a pending cap ``c`` lowers ``hi`` to
+        ``zp + round(c / scale)`` (rounding is monotone, so clipping the codes there equals
+        clipping the real values at ``c`` before rounding)."""
         g = self.g
         if a.relu:
             lo = max(lo, zp)
+        if a.cap is not None:
+            hi = min(hi, zp + int(math.floor(a.cap / scale + 0.5)))
         m, n = requant_params(a.scale / scale)
         bias = np.zeros(1) if a.bias is None else a.bias.astype(np.float64) / scale   # output steps
         b_hi = np.floor(bias)
@@ -233,7 +240,7 @@ class IntegerLowering:
         own) in ``2^ACC_BITS``, ReLU applied."""
         bound = a.bound if bound is None else bound
         t = 2.0 ** (pow2_at_least(bound) - ACC_BITS)
-        if a.per_tensor and float(a.scale) == t and not a.relu and a.bias is None:
+        if a.per_tensor and float(a.scale) == t and not a.relu and a.cap is None and a.bias is None:
             return a
         name = self.requant(a, t, 0, -(1 << 31), (1 << 31) - 1, rank, TensorProto.INT32)
         return Acc(name, np.array(t), a.bound)
@@ -309,6 +316,16 @@ class IntegerLowering:
         if isinstance(ins[0], ConstCodes):
             c = ins[0]
             self.vals[node.output[0]] = ConstCodes(np.clip(c.codes, int(ins[1]), int(ins[2])), c.scale, c.zp, c.axis)
+            return
+        if isinstance(ins[0], (Acc, Codes)):
+            lo, hi = (None if i >= len(node.input) or not node.input[i] else self.const_of(node.input[i])
+                      for i in (1, 2))
+            if lo is None or float(lo) != 0.0:
+                self.fail(node, 'a Clip with a lower bound other than 0 (only ReLU / ReLU6-like clips '
+                                'have an integer form here)')
+            a = self.to_acc(ins[0], node)
+            cap = None if hi is None else float(hi) if a.cap is None else min(a.cap, float(hi))
+            self.vals[node.output[0]] = Acc(a.name, a.scale, a.bound, True, a.bias, cap)
             return
         self.fail(node, 'a Clip that does not follow a QuantizeLinear')
 
@@ -409,7 +426,8 @@ class IntegerLowering:
             a = self.widen(a, self.rank(node.input[0]))
         f = 1.0 / c if divide else c
         self.vals[node.output[0]] = Acc(a.name, a.scale * f, a.bound * abs(f), a.relu,
-                                        None if a.bias is None else a.bias * f)
+                                        None if a.bias is None else a.bias * f,
+                                        None if a.cap is None else a.cap * f)
 
     def op_Div(self, node, ins):
         """A constant factor (F8Net's PACT divides a layer input by its clipping ``eta``) only
@@ -421,7 +439,7 @@ class IntegerLowering:
 
     def op_Relu(self, node, ins):
         a = self.to_acc(ins[0], node)
-        self.vals[node.output[0]] = Acc(a.name, a.scale, a.bound, True, a.bias)
+        self.vals[node.output[0]] = Acc(a.name, a.scale, a.bound, True, a.bias, a.cap)
 
     def op_Add(self, node, ins):
         if any(isinstance(v, np.ndarray) for v in ins):
