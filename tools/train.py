@@ -17,6 +17,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmquant  # noqa: E402,F401  (registers entry points, allow-lists checkpoint classes)
 from mmquant.engine.cpu_ddp import setup_cpu_distributed  # noqa: E402
+from mmquant.engine.distill import check_distill  # noqa: E402
 from mmquant.engine.cli import add_common_args, apply_qat, fail, is_qat_config, load_config  # noqa: E402
 from mmquant.ptq import build_ptq  # noqa: E402
 from mmquant.qat import QAT_METHODS  # noqa: E402
@@ -38,6 +39,9 @@ def wrap_for_qat(cfg, method: str, bits: str):
     config's ``quant.qconfig`` (a scheme's) refines the layers."""
     ptq = build_ptq(method, (cfg.get('quant') or {}).get('qconfig'), bits)
     cfg.model = dict(type='QuantizedModel', architecture=cfg.model, qconfig=ptq.qconfig.to_dict())
+    distill = (cfg.get('quant') or {}).get('distill')
+    if distill is not None:                # knowledge distillation from the float model
+        cfg.model['distill'] = check_distill(distill)
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'QuantCalibrationHook']
     cfg.custom_hooks = hooks + [dict(type='QuantCalibrationHook', num_batches=8)]
 

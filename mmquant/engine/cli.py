@@ -10,6 +10,7 @@ from mmengine.config import Config, DictAction
 from ..ptq import PTQ_METHODS, check_method
 from ..qat import QAT_METHODS, check_qat_method, qat_qconfig
 from ..qconfig import parse_bits
+from .distill import check_distill
 
 
 def add_common_args(parser, train: bool):
@@ -96,11 +97,12 @@ def quant_meta(checkpoint: str, key: str = 'mmquant'):
 # LSQ steps and learned scales, L2 on PACT's clip level)
 QUANT_PARAM_DECAY = {'quantizer.step': 0.0, 'quantizer.gamma': 0.0, '.lambdas': 0.0, 'quantizer.alpha': 1.0}
 _QAT_KEYS = {'method', 'bits', 'qconfig', 'branches', 'calib_batches', 'alpha_decay_mult',
-             'first_layers', 'last_layers'}
+             'first_layers', 'last_layers', 'distill'}
 
 
 def quant_from_qat_meta(meta: dict) -> dict:
-    """The ``quant`` config dict that rebuilds the model a QAT checkpoint's meta describes."""
+    """The ``quant`` config dict that rebuilds the model a QAT checkpoint's meta describes (its
+    ``distill`` settings, if any, are left out: the teacher only shaped the training loss)."""
     return {k: meta[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
 
 
@@ -110,8 +112,9 @@ def is_qat_config(cfg) -> bool:
 
 def apply_qat(cfg, method=None, bits=None):
     """Turn ``cfg`` into a QAT config: the model becomes a ``QuantizedModel`` of the method
-    (settings from ``cfg.quant``, overridden by ``method`` / ``bits``), the calibration hook
-    initialises the quantizers, and the quantizers' parameters get their weight decay."""
+    (settings from ``cfg.quant``, overridden by ``method`` / ``bits``; ``quant.distill`` adds
+    knowledge distillation from the float model), the calibration hook initialises the
+    quantizers, and the quantizers' parameters get their weight decay."""
     quant = dict(cfg.get('quant') or {})
     unknown = set(quant) - _QAT_KEYS
     if unknown:
@@ -125,6 +128,8 @@ def apply_qat(cfg, method=None, bits=None):
     for key in ('first_layers', 'last_layers'):
         if quant.get(key) is not None:
             model[key] = list(quant[key])
+    if quant.get('distill') is not None:        # knowledge distillation from the float model
+        model['distill'] = check_distill(quant['distill'])
     cfg.model = model
     cfg.quant = dict(quant, method=method, bits=bits)
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'QuantCalibrationHook']

@@ -20,6 +20,7 @@ from mmengine.registry import HOOKS
 from ..calibrate import all_calibrated, calibrate, calibrate_weights
 from ..convert import all_quantizers, quant_layers
 from ..quantizers import UniformQuantizer
+from .distill import distilled
 from .ptq_loop import tensor_forward, unwrap
 
 
@@ -49,6 +50,10 @@ class QuantCalibrationHook(Hook):
             runner.logger.info(f'mmquant: {what}: {len(report.quantized)} layers quantized, '
                                f'{len(report.kept_float)} kept float{fused}; first {report.first_layers}, '
                                f'last {report.last_layers}')
+        kd = distilled(model)
+        if kd is not None:
+            runner.logger.info(f'mmquant: knowledge distillation from the float model {kd.checkpoint}: loss_kd '
+                               f'weight {kd.weight}, temperature {kd.temperature}')
         if all_calibrated(model):
             return
         batches = []

@@ -16,6 +16,7 @@ from torch import nn
 from ..convert import convert
 from ..qat import QAT_METHODS, prepare_qat
 from ..qconfig import QConfig
+from .distill import attach_distillation, build_teacher, check_classifier, check_distill
 
 
 def probe_forward(model, size: int = 64):
@@ -41,7 +42,8 @@ def probe_forward(model, size: int = 64):
 def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bits: Optional[str] = None,
                           first_layers: Optional[Sequence[str]] = None,
                           last_layers: Optional[Sequence[str]] = None, data_preprocessor=None,
-                          method: Optional[str] = None, branches: int = 5, **kwargs):
+                          method: Optional[str] = None, branches: int = 5, distill: Optional[dict] = None,
+                          **kwargs):
     """Build ``architecture`` and convert it by ``qconfig`` (``bits`` such as ``'w4a8'`` sets the
     default bits). ``first_layers`` / ``last_layers`` name the input / output layers; a quantized
     checkpoint records them, and without them the first / last layers in registration order
@@ -51,15 +53,24 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     ``method``: a QAT method (``dorefa``, ``pact``, ``sat``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
     ``bireal``, ``groupnet``, ``f8net``): its quantizers and block rewrite, under ``qconfig``;
     ``branches`` is Group-Net's K. F8Net's conv -> BatchNorm fusion traces the model once on a
-    random 64 x 64 image (:func:`probe_forward`)."""
+    random 64 x 64 image (:func:`probe_forward`).
+
+    ``distill``: ``dict(checkpoint=PATH, weight=1.0, temperature=1.0)``, knowledge distillation
+    from the float model (classifiers only): the same architecture, float, loaded from
+    ``checkpoint``, is the teacher of a ``loss_kd`` term added to the training loss
+    (:mod:`mmquant.engine.distill`); it stays out of the model's state_dict and parameters."""
     if kwargs:
         raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
                         'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor, '
-                        'method, branches')
+                        'method, branches, distill')
+    if distill is not None:
+        distill = check_distill(distill)          # one-line errors before anything is built
     architecture = dict(architecture)
     if data_preprocessor is not None:
         architecture.setdefault('data_preprocessor', data_preprocessor)
     model = MODELS.build(architecture)
+    if distill is not None:
+        check_classifier(model)
     io = None if first_layers is None and last_layers is None else (set(first_layers or ()), set(last_layers or ()))
     if method is not None:
         if method not in QAT_METHODS:
@@ -74,4 +85,9 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     else:
         report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)
     model.mmquant_report = report
+    if distill is not None:
+        attach_distillation(model, build_teacher(architecture, distill['checkpoint']),
+                            distill['weight'], distill['temperature'], distill['checkpoint'])
+        if method is not None:    # for reference: rebuilding from the meta ignores it (no teacher needed)
+            model.mmquant_qat['distill'] = dict(distill)
     return model
