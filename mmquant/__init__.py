@@ -2,7 +2,8 @@
 
 The math (``quantizers``, ``observers``, ``nn``, ``convert``, ``calibrate``, ``ptq``) needs torch
 only. Importing ``mmquant`` with mmengine installed also registers the OpenMMLab entry points
-(``QuantizedModel``, ``PTQLoop``, hooks), which is what ``custom_imports=['mmquant']`` relies on.
+(``QuantizedModel``, ``PTQLoop``, hooks), and with mmpretrain installed the ``OrderedResNet``
+backbone (:mod:`mmquant.models`), which is what ``custom_imports=['mmquant']`` relies on.
 """
 from importlib.util import find_spec
 
@@ -14,6 +15,8 @@ from .version import __version__
 
 if find_spec('mmengine') is not None:
     from . import engine  # noqa: F401  (registers the OpenMMLab entry points)
+if find_spec('mmpretrain') is not None:
+    from . import models  # noqa: F401  (registers OrderedResNet in mmpretrain's MODELS)
 
 __all__ = ['__version__', 'quantize', 'convert', 'calibrate', 'ConversionReport', 'QConfig',
            'LayerQConfig', 'parse_bits']

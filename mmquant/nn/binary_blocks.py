@@ -19,13 +19,24 @@ from typing import List
 import torch
 from torch import nn
 
+from .norm_names import TwoNorms
+
 STYLES = ('plain', 'bireal', 'groupnet')
 
 
 def is_basic_block(m: nn.Module) -> bool:
-    """An mmpretrain / mmdet / torchvision-style ResNet basic block (two 3x3 convs)."""
+    """An mmpretrain / mmdet / torchvision-style ResNet basic block (two 3x3 convs) in the
+    standard conv-BN-ReLU order: the rewrites that rebuild a block's forward from its parts
+    assume it, so a block declaring another ``order`` (mmquant's ``OrderedResNet``) is not one."""
     return (all(hasattr(m, k) for k in ('conv1', 'conv2', 'downsample')) and not hasattr(m, 'conv3')
-            and isinstance(m.conv1, nn.Conv2d) and isinstance(m.conv2, nn.Conv2d))
+            and isinstance(m.conv1, nn.Conv2d) and isinstance(m.conv2, nn.Conv2d)
+            and getattr(m, 'order', 'cbsa') == 'cbsa')
+
+
+def _reordered_blocks(model: nn.Module) -> List[str]:
+    """The layer orders of blocks that have a basic block's parts in another order."""
+    return sorted({m.order for m in model.modules() if isinstance(getattr(m, 'order', None), str)
+                   and hasattr(m, 'conv1') and hasattr(m, 'conv2') and not is_basic_block(m)})
 
 
 def is_bottleneck(m: nn.Module) -> bool:
@@ -40,7 +51,7 @@ def _norm_names(block: nn.Module):
     return names
 
 
-class BinaryBasicBlock(nn.Module):
+class BinaryBasicBlock(TwoNorms, nn.Module):
     """A basic block rewired for binary convs (``style`` 'plain' or 'bireal')."""
 
     def __init__(self, block: nn.Module, style: str = 'plain'):
@@ -53,14 +64,6 @@ class BinaryBasicBlock(nn.Module):
         self.add_module(self.norm1_name, getattr(block, self.norm1_name))
         self.add_module(self.norm2_name, getattr(block, self.norm2_name))
         self.downsample = block.downsample
-
-    @property
-    def norm1(self):
-        return getattr(self, self.norm1_name)
-
-    @property
-    def norm2(self):
-        return getattr(self, self.norm2_name)
 
     def shortcut(self, x):
         return x if self.downsample is None else self.downsample(x)
@@ -137,8 +140,11 @@ def rewrite_binary_blocks(model: nn.Module, style: str = 'bireal', branches: int
         raise ValueError(f'unknown binary block style {style!r}; accepted: {", ".join(STYLES)}')
     names = [n for n, m in model.named_modules() if n and is_basic_block(m)]
     if not names:
-        kinds = 'bottleneck blocks (ResNet-50 style)' if any(is_bottleneck(m) for m in model.modules()) \
-            else 'no residual blocks'
+        reordered = _reordered_blocks(model)
+        kinds = (f'basic blocks in layer order {", ".join(map(repr, reordered))} (OrderedResNet), which '
+                 f'the rewrite does not reorder' if reordered else
+                 'bottleneck blocks (ResNet-50 style)' if any(is_bottleneck(m) for m in model.modules())
+                 else 'no residual blocks')
         raise ValueError(f'binary block rewrite ({style}) needs ResNet basic blocks (ResNet-18/34); '
                          f'this model has {kinds}')
     modules = dict(model.named_modules())

@@ -2,7 +2,7 @@
 
 Block reconstruction (BRECQ) fits the quantized weights of a unit to the float output of the
 whole unit. A residual unit (ResNet's BasicBlock / Bottleneck in mmpretrain, mmdet and
-torchvision, MobileNetV2's InvertedResidual, ...) is one unit: its convs, its shortcut and the
+torchvision, MobileNetV2's InvertedResidual, mmquant's OrderedBasicBlock, ...) is one unit: its convs, its shortcut and the
 add are reconstructed together. Layers outside residual units (a stem, VGG's convs, FPN convs,
 head convs, RoI-head FCs) are units of one layer each; where the layer sits in a conv-norm-act
 wrapper (mmcv's ``ConvModule``: VGG's convs, FPN and head convs) the wrapper is the unit, so the
@@ -20,7 +20,7 @@ from ..nn import QUANT_LAYERS
 __all__ = ['Unit', 'RESIDUAL_BLOCKS', 'LAYER_WRAPPERS', 'find_units']
 
 # class names of residual units, whichever library defines them
-RESIDUAL_BLOCKS = ('BasicBlock', 'Bottleneck', 'InvertedResidual')
+RESIDUAL_BLOCKS = ('BasicBlock', 'Bottleneck', 'InvertedResidual', 'OrderedBasicBlock')
 # class names of modules that wrap one quantized layer with its norm and activation
 LAYER_WRAPPERS = ('ConvModule',)
 

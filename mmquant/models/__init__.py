@@ -1,0 +1,5 @@
+"""mmpretrain models registered into mmpretrain's ``MODELS`` when ``mmquant`` is imported
+(mmpretrain installed)."""
+from .ordered_resnet import BLOCK_ORDERS, DOWNSAMPLE_STYLES, OrderedBasicBlock, OrderedResNet
+
+__all__ = ['OrderedResNet', 'OrderedBasicBlock', 'BLOCK_ORDERS', 'DOWNSAMPLE_STYLES']
