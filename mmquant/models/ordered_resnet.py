@@ -65,9 +65,8 @@ The converter reads only the qconfig, so that is said there, not here::
 
 Rewrites that rebuild a block's forward from its parts in the conv-BN-ReLU order (the binary
 methods' block rewrite, ``quant_residual``, F8Net's shared residual clipping) recognise only
-``'cbsa'`` blocks (:func:`mmquant.nn.binary_blocks.is_basic_block`). BRECQ's automatic units go
-by class name (``BasicBlock``...), so it reconstructs these blocks layer by layer unless its
-``blocks=[...]`` option names them.
+``'cbsa'`` blocks (:func:`mmquant.nn.binary_blocks.is_basic_block`). BRECQ reconstructs each
+``OrderedBasicBlock`` as one unit, as it does mmpretrain's blocks.
 """
 import copy
 
