@@ -178,7 +178,9 @@ def test_conv_act_bn_is_not_folded_and_reordered_blocks_refuse_cbsa_rewrites():
     (dict(depth=50), 'OrderedResNet depth=50; accepted: 18, 34 (basic blocks only)'),
 ])
 def test_bad_arguments_give_one_line_errors(kwargs, msg):
+    from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')                   # earlier tests may have left mmdet's scope
     with pytest.raises(ValueError) as e:
         OrderedResNet(**dict(dict(depth=18), **kwargs))
     assert str(e.value) == msg

@@ -17,6 +17,7 @@ mmengine = pytest.importorskip('mmengine')
 pytest.importorskip('mmpretrain')
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
 from mmpretrain.registry import MODELS  # noqa: E402
 
 import mmquant  # noqa: E402,F401
@@ -31,6 +32,7 @@ CONFIGS = {'mobilenetv2': ('configs/mobilenetv2_fashionmnist.py', 3),
 
 def build(name):
     cfg = Config.fromfile(osp.join(ROOT, CONFIGS[name][0]))
+    init_default_scope('mmpretrain')                   # earlier tests may have left mmdet's scope
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()
