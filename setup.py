@@ -48,7 +48,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmquant', 'mmquant.*']),
     python_requires='>=3.9',
-    install_requires=['torch>=2.0', 'numpy'],
+    install_requires=['torch>=2.0', 'numpy', 'scipy'],   # scipy: LAPQ's Powell search
     extras_require={
         'mm': ['mmengine==0.10.7', 'mmcv==2.1.0', 'mmpretrain==1.2.0', 'mmdet==3.3.0'],
         'export': ['onnx', 'onnxruntime'],
