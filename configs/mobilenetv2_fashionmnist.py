@@ -4,20 +4,11 @@
 # At 28x28 the body's five stride-2 stages end at 1x1, which the global pooling neck takes as is.
 _base_ = [
     'mmpretrain::_base_/models/mobilenet_v2_1x.py',
-    './_base_/datasets/fashion_mnist.py',
+    './_base_/datasets/fashion_mnist_3ch.py',
     './_base_/schedules/fashion_mnist_cpu.py',
     'mmpretrain::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
-
-data_preprocessor = dict(mean=[72.94] * 3, std=[90.02] * 3)
-train_dataloader = dict(dataset=dict(pipeline=[
-    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='RepeatChannels'),
-    dict(type='PackInputs'),
-]))
-val_dataloader = dict(dataset=dict(pipeline=[dict(type='RepeatChannels'), dict(type='PackInputs')]))
-test_dataloader = val_dataloader
 
 model = dict(head=dict(num_classes=10, topk=(1, )))
 optim_wrapper = dict(optimizer=dict(lr=0.05, weight_decay=4e-5))

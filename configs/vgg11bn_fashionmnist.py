@@ -6,20 +6,11 @@
 #   ends at 1x1x512 once the last max-pool is dropped, so it feeds a pooled linear 10-way head.
 _base_ = [
     'mmpretrain::_base_/models/vgg11bn.py',
-    './_base_/datasets/fashion_mnist.py',
+    './_base_/datasets/fashion_mnist_3ch.py',
     './_base_/schedules/fashion_mnist_cpu.py',
     'mmpretrain::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['mmquant'], allow_failed_imports=False)
-
-data_preprocessor = dict(mean=[72.94] * 3, std=[90.02] * 3)
-train_dataloader = dict(dataset=dict(pipeline=[
-    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='RepeatChannels'),
-    dict(type='PackInputs'),
-]))
-val_dataloader = dict(dataset=dict(pipeline=[dict(type='RepeatChannels'), dict(type='PackInputs')]))
-test_dataloader = val_dataloader
 
 model = dict(
     backbone=dict(num_classes=-1, with_last_pool=False, out_indices=(4, )),

@@ -22,6 +22,28 @@ def fashion_mnist():
     return DATA_ROOT
 
 
+def _idx_head(path, n):
+    """The first ``n`` items of an idx file (images: 16-byte header, labels: 8)."""
+    import struct
+    with open(path, 'rb') as f:
+        magic = struct.unpack('>I', f.read(4))[0]
+        dims = struct.unpack(f'>{magic & 0xFF}I', f.read(4 * (magic & 0xFF)))
+        item = 1
+        for d in dims[1:]:
+            item *= d
+        return struct.pack(f'>I{len(dims)}I', magic, n, *dims[1:]) + f.read(n * item)
+
+
+def write_small_fashion_mnist(out, source, n_train, n_test):
+    """The first ``n_train`` / ``n_test`` items of the Fashion-MNIST idx files in ``source``,
+    written to the directory ``out`` (a data_root for quick training runs); returns ``str(out)``."""
+    for prefix, n in (('train', n_train), ('t10k', n_test)):
+        for kind in ('images-idx3', 'labels-idx1'):
+            name = f'{prefix}-{kind}-ubyte'
+            (out / name).write_bytes(_idx_head(osp.join(source, name), n))
+    return str(out)
+
+
 def write_config(tmp_path, text, name='cfg.py'):
     path = tmp_path / name
     path.write_text(text)

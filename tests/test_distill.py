@@ -16,7 +16,6 @@ import os
 import os.path as osp
 import re
 import shutil
-import struct
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ from mmquant.engine.distill import DistilledLoss, attach_distillation, check_dis
 from mmquant.engine.ptq_loop import unwrap
 from mmquant.qat.distill import distill_loss
 
-from conftest import ROOT, randomise_bn, write_config
+from conftest import ROOT, randomise_bn, write_config, write_small_fashion_mnist
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -318,16 +317,6 @@ def _load_tool(name):
 TRAIN, TEST = _load_tool('train'), _load_tool('test')
 
 
-def _idx_head(path, n):
-    with open(path, 'rb') as f:
-        magic = struct.unpack('>I', f.read(4))[0]
-        dims = struct.unpack(f'>{magic & 0xFF}I', f.read(4 * (magic & 0xFF)))
-        item = 1
-        for d in dims[1:]:
-            item *= d
-        return struct.pack(f'>I{len(dims)}I', magic, n, *dims[1:]) + f.read(n * item)
-
-
 SMALL = """
 _base_ = ['{base}']
 data_root = '{data}'
@@ -351,10 +340,7 @@ def tools_env(tmp_path_factory, fashion_mnist):
     tmp = tmp_path_factory.mktemp('distill_tools')
     data = tmp / 'data'
     data.mkdir()
-    for prefix, n in (('train', 256), ('t10k', 64)):
-        for kind in ('images-idx3', 'labels-idx1'):
-            name = f'{prefix}-{kind}-ubyte'
-            (data / name).write_bytes(_idx_head(osp.join(fashion_mnist, name), n))
+    write_small_fashion_mnist(data, fashion_mnist, 256, 64)
     float_cfg = write_config(tmp, SMALL.format(base=f'{ROOT}/configs/resnet18_fashionmnist.py', data=data, iters=2),
                              'float.py')
     TRAIN.main([float_cfg, '--work-dir', str(tmp / 'float'), '--cfg-options', f'experiment_name=kd{next(_IDS)}'])

@@ -16,7 +16,6 @@ import itertools
 import os
 import os.path as osp
 import socket
-import struct
 import subprocess
 import sys
 
@@ -34,7 +33,7 @@ from mmquant.engine.qat_freeze_hook import QATFreezeHook
 from mmquant.nn.binary_blocks import BinaryBasicBlock, GroupNetBlock
 from mmquant.quantizers import LQNetQuantizer, LSQQuantizer, PACTQuantizer, SignActQuantizer
 
-from conftest import ROOT, write_config
+from conftest import ROOT, write_config, write_small_fashion_mnist
 
 # mmpretrain 1.2.0's MNIST loader under numpy 2, once per image
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -103,25 +102,9 @@ def evaluate(cfg, ckpt, work, *args):
 # fixtures: the small data set, a float checkpoint, the QAT runs shared by several tests
 
 
-def _idx_head(path, n):
-    """The first ``n`` items of an idx file (images: 16-byte header, labels: 8)."""
-    with open(path, 'rb') as f:
-        magic = struct.unpack('>I', f.read(4))[0]
-        dims = struct.unpack(f'>{magic & 0xFF}I', f.read(4 * (magic & 0xFF)))
-        item = 1
-        for d in dims[1:]:
-            item *= d
-        return struct.pack(f'>I{len(dims)}I', magic, n, *dims[1:]) + f.read(n * item)
-
-
 @pytest.fixture(scope='module')
 def small_data(tmp_path_factory, fashion_mnist):
-    out = tmp_path_factory.mktemp('fashion_mnist_small')
-    for prefix, n in (('train', 512), ('t10k', 64)):
-        for kind in ('images-idx3', 'labels-idx1'):
-            name = f'{prefix}-{kind}-ubyte'
-            (out / name).write_bytes(_idx_head(osp.join(fashion_mnist, name), n))
-    return str(out)
+    return write_small_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist_small'), fashion_mnist, 512, 64)
 
 
 SMALL = """
