@@ -15,7 +15,10 @@ from .quantizers import QScheme, UniformQuantizer, build_quantizer
 # Subclasses whose forward is the plain convolution / linear map (the mmcv wrappers only add
 # empty-tensor handling), so swapping them loses nothing. Named, not imported: no mmcv needed.
 _PLAIN_SUBCLASSES = {'mmcv.cnn.bricks.wrappers.Conv2d', 'mmcv.cnn.bricks.wrappers.ConvTranspose2d',
-                     'mmcv.cnn.bricks.wrappers.Linear'}
+                     'mmcv.cnn.bricks.wrappers.Linear',
+                     # weight-standardised conv: the twin standardises before quantizing
+                     # (QConv2d.weight_standardization), PTQ bakes it first (mmquant.nn.weight_std)
+                     'mmcv.cnn.bricks.conv_ws.ConvWS2d'}
 _TWINS = ((nn.Conv2d, QConv2d, 'conv'), (nn.ConvTranspose2d, QConvTranspose2d, 'deconv'),
           (nn.Linear, QLinear, 'linear'))
 
@@ -183,6 +186,16 @@ def build_quantizers(layer: nn.Module, cfg: LayerQConfig):
     return wq, aq
 
 
+def _set_layer_options(name: str, q: nn.Module, cfg: LayerQConfig):
+    if cfg.w_standardize and q.weight_standardization is None:
+        q.weight_standardization = 1e-5
+    if not cfg.padding_after_quant and isinstance(q, QConv2d):
+        if isinstance(q.padding, str):
+            raise ValueError(f'{name}: padding_after_quant=False needs numeric padding, got '
+                             f'padding={q.padding!r}')
+        q.padding_after_quant = False
+
+
 def convert(model: nn.Module, qconfig: QConfig,
             example_forward: Optional[Callable[[], object]] = None,
             io_layers: Optional[Tuple[Set[str], Set[str]]] = None) -> ConversionReport:
@@ -205,6 +218,7 @@ def convert(model: nn.Module, qconfig: QConfig,
     names = candidates
     _check_patterns(list(qconfig.overrides), names, 'override')
     _check_patterns(qconfig.skip, names, 'skip')
+    _check_patterns(qconfig.only, names, 'only')
 
     if not names:
         report.kept_float = [LayerRecord(n, type(m).__name__, reason=r) for n, m, r in unsupported]
@@ -225,12 +239,16 @@ def convert(model: nn.Module, qconfig: QConfig,
         if skip is not None:
             report.kept_float.append(LayerRecord(name, kind, reason=f'skip pattern {skip!r}'))
             continue
+        if qconfig.only and not any(_matches(name, p) for p in qconfig.only):
+            report.kept_float.append(LayerRecord(name, kind, reason='outside the only patterns'))
+            continue
         cfg, role = layer_qconfig(name, qconfig, first, last)
         twin, _ = classify_layer(m)
         wq, aq = build_quantizers(m, cfg)
         device = m.weight.device               # a model converted after it moved to a GPU
         wq, aq = wq.to(device), None if aq is None else aq.to(device)
         q = twin.from_float(m, wq, aq)
+        _set_layer_options(name, q, cfg)
         parent_name, _, child = name.rpartition('.')
         setattr(modules[parent_name] if parent_name else model, child, q)
         report.quantized.append(LayerRecord(name, kind, cfg.w_bits, cfg.a_bits, role))

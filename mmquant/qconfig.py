@@ -53,6 +53,12 @@ class LayerQConfig:
     a_quantizer: str = 'uniform'
     w_quantizer_kwargs: dict = field(default_factory=dict)
     a_quantizer_kwargs: dict = field(default_factory=dict)
+    # weight standardisation (per output channel, eps 1e-5 as mmcv's ConvWS) before the weight
+    # quantizer; for training: it changes a trained float model's function (an mmcv ConvWS2d layer
+    # keeps its own standardisation without this flag)
+    w_standardize: bool = False
+    # convs: zero-pad the quantized input (True) or pad the float input, then quantize (False)
+    padding_after_quant: bool = True
 
     def __post_init__(self):
         check_quantizer_bits(self.w_quantizer, 'weight', self.w_bits, 'w_bits')
@@ -78,6 +84,9 @@ class QConfig:
         overrides: ``{glob pattern on the module name: dict of LayerQConfig fields}``, applied
             in order after the first/last rule, so a user can always have the last word.
         skip: glob patterns of layers to leave in float.
+        only: glob patterns of the layers to quantize, the rest left in float (empty: all), e.g.
+            ``['backbone.*']`` quantizes a detector's backbone only (QTool's detection switch);
+            ``skip`` still applies inside it.
         io_layer: further :class:`LayerQConfig` fields for the first / last layers (e.g. the
             binary methods give them a uniform 8-bit quantizer, since a sign has no 8-bit form).
 
@@ -88,6 +97,7 @@ class QConfig:
     last_layer_bits: Optional[int] = 8
     overrides: Dict[str, dict] = field(default_factory=dict)
     skip: List[str] = field(default_factory=list)
+    only: List[str] = field(default_factory=list)
     io_layer: dict = field(default_factory=dict)
 
     def __post_init__(self):

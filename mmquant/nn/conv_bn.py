@@ -55,6 +55,9 @@ class QConvBN2d(QConv2d):
             raise TypeError(f'QConvBN2d fuses a QConv2d, got {type(qconv).__name__}')
         if not isinstance(bn, FoldedBatchNorm2d) or bn.num_features != qconv.out_channels:
             raise ValueError(f'QConvBN2d needs a FoldedBatchNorm2d of {qconv.out_channels} features')
+        if getattr(qconv, 'weight_standardization', None) is not None:
+            raise ValueError('a weight-standardised conv cannot fold its BatchNorm while training '
+                             '(the fold would be undone by the standardisation); use w_standardize=False')
         fused = cls.__new__(cls)
         for k, v in qconv.__dict__.items():
             fused.__dict__[k] = v.copy() if isinstance(v, dict) else v

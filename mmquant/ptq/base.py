@@ -6,7 +6,7 @@ from torch import nn
 
 from ..convert import ConversionReport, convert
 from ..fold_bn import fold_bn
-from ..nn import quantize_residuals
+from ..nn import bake_weight_standardization, quantize_residuals
 from ..qconfig import QConfig
 
 PTQ_METHODS: Dict[str, type] = {}
@@ -48,6 +48,12 @@ class PTQMethod:
         if self.io_defaults:
             cfg['io_layer'] = {**self.io_defaults, **dict(cfg.get('io_layer') or {})}
         self.qconfig = QConfig.build(cfg, bits=bits)
+        standardized = [p for p, ov in [('default', vars(self.qconfig.default))] + list(self.qconfig.overrides.items())
+                        if ov.get('w_standardize')]
+        if standardized:
+            raise ValueError(f'{self.name}: w_standardize (in {standardized[0]!r}) changes a trained network; it is a '
+                             f'training option (QAT). A model trained with mmcv ConvWS keeps its standardisation '
+                             f'without it')
 
     def convert(self, model: nn.Module, example_forward: Optional[Callable] = None,
                 io_layers=None) -> ConversionReport:
@@ -55,6 +61,7 @@ class PTQMethod:
         after folding BatchNorm into the convs when ``fold_bn`` is set (then the quantized
         weights are the folded ones an integer kernel runs, and an exported graph has no
         BatchNormalization between a convolution and the next quantizer)."""
+        bake_standardized_weights(model, self.name)
         if self.fold_bn:
             if example_forward is None:
                 raise ValueError(f'{self.name}: folding BatchNorm needs an example forward pass (or fold_bn=False)')
@@ -84,3 +91,11 @@ class PTQMethod:
         report = self.convert(model, example_forward=lambda: fwd(model, batches[0]))
         self.calibrate(model, batches, forward_fn=fwd, progress=progress, loss_fn=loss_fn)
         return report
+
+
+def bake_standardized_weights(model: nn.Module, method: str):
+    """Weight-standardised convs of a trained model become plain convs with the standardised
+    weights (:func:`mmquant.nn.bake_weight_standardization`), before folding or converting."""
+    baked = bake_weight_standardization(model)
+    if baked:
+        logger.info('mmquant %s: baked the weight standardisation of %d convs into their weights', method, len(baked))

@@ -25,7 +25,7 @@ from ..calibrate import calibrate_weights
 from ..fold_bn import fold_bn
 from ..nn import QConvBN2d
 from ..qat.f8net import prepare_f8net
-from .base import PTQMethod, register_ptq
+from .base import PTQMethod, bake_standardized_weights, register_ptq
 
 
 @torch.no_grad()
@@ -79,6 +79,7 @@ class F8NetPTQ(PTQMethod):
         self.fold_bn = fold_bn
 
     def convert(self, model: nn.Module, example_forward: Optional[Callable] = None, io_layers=None):
+        bake_standardized_weights(model, self.name)
         if self.fold_bn and example_forward is not None:
             fold_bn(model, example_forward)
         return prepare_f8net(model, self.qconfig, example_forward, io_layers=io_layers, share_clip=False)
