@@ -23,7 +23,10 @@ _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def find_conv_bn_pairs(model: nn.Module, example_forward: Callable[[], object]) -> List[Tuple[str, str]]:
-    """``(conv name, bn name)`` for every BatchNorm that directly consumes a conv's output."""
+    """``(conv name, bn name)`` for every BatchNorm that directly consumes a conv's output. A conv
+    whose outputs reach several BatchNorms (a head conv shared across FPN levels with one BN per
+    level, :class:`mmquant.det.LevelBN`), or a BatchNorm fed by several convs, has no single fold:
+    such pairs are left out."""
     produced = {}
     pairs = []
     handles = []
@@ -43,7 +46,9 @@ def find_conv_bn_pairs(model: nn.Module, example_forward: Callable[[], object]) 
     finally:
         for h in handles:
             h.remove()
-    return pairs
+    convs = [c for c, _ in pairs]
+    bns = [b for _, b in pairs]
+    return [(c, b) for c, b in pairs if convs.count(c) == 1 and bns.count(b) == 1]
 
 
 @contextlib.contextmanager

@@ -82,7 +82,7 @@ def qat_qconfig(method: str, bits: str, qconfig=None) -> QConfig:
     layer = {**m.layer, 'w_bits': w_bits, 'a_bits': a_bits, **user_default}
     qc = QConfig.build(dict(default=layer, first_layer_bits=user.first_layer_bits,
                             last_layer_bits=user.last_layer_bits,
-                            overrides={**m.overrides, **user.overrides}, skip=list(user.skip),
+                            overrides={**m.overrides, **user.overrides}, skip=list(user.skip), only=list(user.only),
                             io_layer={**m.io_layer, **user.io_layer}))
     if m.binary and (qc.default.w_bits != 1 or qc.default.a_bits not in (1, None)):
         raise ValueError(f'{method} is a binary method: bits must be w1a1 (or w1), got {bits!r}')
