@@ -112,3 +112,32 @@ def test_more_than_8_bits_is_refused(tmp_path):
                                                                                  last_layer_bits=None))
     with pytest.raises(QDQExportError, match='at most 8 bits'):
         export_qdq(model, torch.randn(1, 3, 12, 12), str(tmp_path / 'x.onnx'))
+
+
+@pytest.mark.parametrize('bits', ['w8a8', 'w4a4'])
+def test_uint8_weights_store_the_same_weights(tmp_path, bits):
+    """weight_dtype='uint8': weight Q/DQ pairs in uint8 with zero point 128 (plus the grid's own),
+    activations untouched, and the graph computes what the int8 one does."""
+    import onnx
+    from onnx import numpy_helper
+    model = net()
+    batches = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    quantize(model, batches, 'minmax', bits, qconfig=dict(default=dict(w_per_channel=True),
+                                                          first_layer_bits=None, last_layer_bits=None))
+    p8 = export_qdq(model, batches[0], str(tmp_path / 's8.onnx'))
+    pu = export_qdq(model, batches[0], str(tmp_path / 'u8.onnx'), weight_dtype='uint8')
+    g = onnx.load(pu).graph
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == 'Constant'}
+    inits = {i.name for i in g.initializer}
+    weight_zps = [consts[n.input[2]] for n in g.node if n.op_type == 'QuantizeLinear' and n.input[0] in inits]
+    assert len(weight_zps) == 3 and all(z.dtype == np.uint8 and (z == 128).all() for z in weight_zps)
+    x = torch.randn(5, 3, 12, 12)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the graph's own arithmetic
+    outs = [ort.InferenceSession(p, so, providers=['CPUExecutionProvider']).run(None, {'input': x.numpy()})[0]
+            for p in (p8, pu)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with torch.no_grad():
+        np.testing.assert_allclose(run_ort(pu, x), model(x).numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="weight_dtype='int16'; accepted: int8, uint8"):
+        export_qdq(model, batches[0], str(tmp_path / 'bad.onnx'), weight_dtype='int16')

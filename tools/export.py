@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument('--format', choices=['qdq', 'int'], default='qdq')
     p.add_argument('--out', required=True, help='the .onnx file to write')
     p.add_argument('--opset', type=int, default=17)
+    p.add_argument('--qdq-weights', choices=['int8', 'uint8'], default='int8',
+                   help='qdq: storage type of the weights; uint8 (zero point + 128) makes onnxruntime use '
+                        'u8 x u8 kernels, which do not saturate on x86 CPUs without VNNI')
     p.add_argument('--check-images', type=int, default=256, metavar='N',
                    help='test images to compare onnxruntime with PyTorch on (0: no check)')
     p.add_argument('--work-dir', default=None)
@@ -128,7 +131,10 @@ def main(argv=None):
         fail(f'{args.checkpoint} rebuilt no quantized layers')
     example = model.data_preprocessor(next(iter(runner.test_dataloader)), False)['inputs'][:1]
     try:
-        (export_int if args.format == 'int' else export_qdq)(TensorMode(model), example, args.out, opset=args.opset)
+        if args.format == 'int':
+            export_int(TensorMode(model), example, args.out, opset=args.opset)
+        else:
+            export_qdq(TensorMode(model), example, args.out, opset=args.opset, weight_dtype=args.qdq_weights)
     except QDQExportError as e:
         fail(str(e))
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, format {args.format})')

@@ -13,6 +13,11 @@ channel or per tensor, symmetric or affine), LSQ, PACT and DoReFa activations on
 inputs, F8Net's fixed-point grids. Binary and LQ-Net quantizers, DoReFa weights and signed PACT / DoReFa activations put
 zero between two levels or use non-uniform levels: no integer zero point describes them, and the
 export says which layer and why.
+
+``weight_dtype='uint8'`` stores signed weight grids as uint8 with their zero point moved up by
+128 (the same dequantized weights). onnxruntime then runs its u8 x u8 kernels instead of u8 x s8:
+on x86 CPUs without AVX-512 VNNI the u8 x s8 kernels add pairs of 8-bit products in 16 bits with
+saturation, which changed the outputs of an 8-bit MobileNetV2 here (README, "MobileNetV2").
 """
 import contextlib
 import os
@@ -92,10 +97,23 @@ class _QDQ(torch.autograd.Function):
         return g.op('DequantizeLinear', q, scale, zp, **kw)
 
 
+WEIGHT_DTYPES = ('int8', 'uint8')
+
+
+def as_uint8(grid: Grid) -> Grid:
+    """A signed grid as uint8 codes: every code and zero point plus 128 (same real values)."""
+    if grid.qmin >= 0:
+        return grid
+    return grid._replace(zero_point=[z + 128 for z in grid.zero_point], qmin=grid.qmin + 128, qmax=grid.qmax + 128)
+
+
 @contextlib.contextmanager
-def qdq_mode(model: nn.Module):
+def qdq_mode(model: nn.Module, weight_dtype: str = 'int8'):
     """Within the block every quantizer of ``model`` runs (and traces) as its QDQ pair; one
-    :class:`QDQExportError` listing the layers that have no QDQ form, before anything changes."""
+    :class:`QDQExportError` listing the layers that have no QDQ form, before anything changes.
+    ``weight_dtype``: the storage type of signed weight grids (``'int8'`` or ``'uint8'``)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f'weight_dtype={weight_dtype!r}; accepted: {", ".join(WEIGHT_DTYPES)}')
     plan, problems = [], []
     for name, layer in quant_layers(model):
         for role in ('weight_quantizer', 'input_quantizer'):
@@ -106,6 +124,8 @@ def qdq_mode(model: nn.Module):
                 grid = affine_grid(q)
                 if grid.qmax - grid.qmin > 255:
                     raise QDQExportError(f'{q.bits}-bit grid: QDQ export takes at most 8 bits')
+                if role == 'weight_quantizer' and weight_dtype == 'uint8':
+                    grid = as_uint8(grid)
                 plan.append((q, grid))
             except QDQExportError as e:
                 problems.append(f'{name}.{role}: {e}')
@@ -123,14 +143,16 @@ def qdq_mode(model: nn.Module):
 
 
 def export_qdq(model: nn.Module, example: torch.Tensor, path: str, opset: int = 17,
-               input_name: str = 'input', output_names: Optional[List[str]] = None) -> str:
+               input_name: str = 'input', output_names: Optional[List[str]] = None,
+               weight_dtype: str = 'int8') -> str:
     """Export ``model`` (a module mapping the example tensor to its output tensors) as QDQ ONNX
-    to ``path`` (written to a temporary file, then renamed); batch size stays dynamic."""
+    to ``path`` (written to a temporary file, then renamed); batch size stays dynamic.
+    ``weight_dtype='uint8'``: signed weights stored as uint8, zero point + 128 (module doc)."""
     model.eval()
     tmp = path + '.tmp'
     with torch.no_grad():
         model(example)          # quantizers that settle on their first evaluation pass (F8Net weights)
-    with qdq_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with qdq_mode(model, weight_dtype), torch.no_grad(), warnings.catch_warnings():
         # the grids are constants of the graph by design
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
         outputs = model(example)
