@@ -123,7 +123,6 @@ the integer export needs the graph input to go straight into a quantizer and sto
 ``mmquant.export.export_qdq`` / ``export_int`` on W8A8 models; the exporter is unchanged).
 """
 import copy
-import math
 
 import torch
 import torch.utils.checkpoint as cp
@@ -194,11 +193,11 @@ def check_space_to_depth(block_size, stem: str):
 
 
 def he_normal_(weight: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-    """In place: normal, mean 0, ``std = factor * sqrt(2 / fan_in)`` (He et al., ICCV 2015, for
-    ReLU nets), ``fan_in`` = input channels per group times the kernel area."""
-    fan_in = weight[0].numel()
+    """In place: torch's He-normal for ReLU nets (``std = sqrt(2 / fan_in)``, He et al., ICCV 2015),
+    scaled by ``factor``."""
+    nn.init.kaiming_normal_(weight, mode='fan_in', nonlinearity='relu')
     with torch.no_grad():
-        return weight.normal_(0.0, factor * math.sqrt(2.0 / fan_in))
+        return weight.mul_(factor)
 
 
 class ScalarBias(nn.Module):
