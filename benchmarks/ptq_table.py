@@ -35,6 +35,7 @@ from mmquant.engine.cli import check_file, fail  # noqa: E402
 from mmquant.engine.ptq_loop import (_take_images, default_calib_dataloader, forward_logs,  # noqa: E402
                                      mm_method_options, task_loss, tensor_forward)
 from mmquant.convert import weight_bytes  # noqa: E402
+from mmquant.fileio import write_text_atomic  # noqa: E402
 from mmquant.ptq import build_ptq, check_method  # noqa: E402
 from mmquant.qconfig import parse_bits  # noqa: E402
 
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     p.add_argument('--out', help='write all cells to this JSON file')
     p.add_argument('--no-float', action='store_true', help='skip the float row')
+    p.add_argument('--resume', action='store_true',
+                   help='keep the cells an interrupted run with the same arguments finished (saved next to --out '
+                        'after every cell), run the rest')
     p.add_argument('--baseline', default='minmax',
                    help='method the others are compared with image by image (classifiers; default minmax)')
     return p.parse_args(argv)
@@ -187,8 +191,40 @@ def cell(values) -> str:
     return ' / '.join(f'{v:.2f}' for v in values)
 
 
+def signature(args, settings, columns, n_calib) -> dict:
+    """What a resumed run must share with the interrupted one for its cells to be kept."""
+    return dict(config=args.config, checkpoint=args.checkpoint, calib_images=n_calib, bits=settings,
+                columns=[c[0] for c in columns], options=sorted(args.options), qconfig=args.qconfig,
+                cfg_options={k: repr(v) for k, v in (args.cfg_options or {}).items()}, no_float=args.no_float,
+                metric=args.metric, threads=torch.get_num_threads())
+
+
+def save_cells(path, sig, results):
+    """The finished cells, per-image results as a '0'/'1' string; written atomically."""
+    rows = [dict(r, correct=None if r.get('correct') is None else ''.join('1' if c else '0' for c in r['correct']))
+            for r in results]
+    write_text_atomic(path, json.dumps(dict(signature=sig, results=rows), default=float))
+
+
+def load_cells(path, sig) -> list:
+    """Cells of an interrupted run with the same signature; none when there is no such run."""
+    if not osp.isfile(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get('signature') != sig:
+        fail(f'{path} holds cells of a run with other arguments; delete it or run without --resume')
+    rows = saved['results']
+    for r in rows:
+        if r.get('correct') is not None:
+            r['correct'] = [c == '1' for c in r['correct']]
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume and not args.out:
+        fail('--resume needs --out (the finished cells are kept next to it)')
     try:
         columns = cells(args)
         settings = [b.strip() for b in args.bits.split(',')]
@@ -217,18 +253,28 @@ def main(argv=None):
     batches, n_calib = _take_images(runner.build_dataloader(calib_cfg, seed=runner.seed), n_calib)
     example = batches[0]
 
-    results = []
-    metric_key = args.metric.split(',') if args.metric else None
-    if not args.no_float:
+    partial = args.out + '.cells.json' if args.out else None
+    sig = signature(args, settings, columns, n_calib)
+    results = load_cells(partial, sig) if args.resume else []
+    done = {(r['bits'], r['column']) for r in results}
+    if done:
+        logger.info(f'resumed: {len(done)} cells kept from {partial}')
+    metric_key = args.metric.split(',') if args.metric else (results[0]['metric_key'] if results else None)
+    if not args.no_float and ('fp', 'float') not in done:
         t0 = time.perf_counter()
         metrics, _ = evaluate(float_model, loader, evaluator)
         metric_key, value = pick(metrics, metric_key)
         results.append(dict(bits='fp', column='float', value=value[0], values=value, metrics=metrics,
-                            eval_seconds=time.perf_counter() - t0, weight_bytes=float_weight_bytes(float_model)))
+                            eval_seconds=time.perf_counter() - t0, weight_bytes=float_weight_bytes(float_model),
+                            metric_key=metric_key))
         logger.info(f'float: {",".join(metric_key)} = {cell(value)}')
+        if partial:
+            save_cells(partial, sig, results)
     logged_layers = False
     for bits in settings:
         for label, method, options, per_channel in columns:
+            if (bits, label) in done:
+                continue
             model = copy.deepcopy(float_model)
             qconfig = dict(extra_qconfig, default=dict(extra_qconfig.get('default') or {}, w_per_channel=per_channel))
             ptq = build_ptq(method, qconfig, bits, **mm_method_options(method, float_model, options))
@@ -247,9 +293,11 @@ def main(argv=None):
                                 per_channel=per_channel, value=value[0], values=value, metrics=metrics,
                                 weight_bytes=weight_bytes(model),
                                 calib_seconds=calib, eval_seconds=time.perf_counter() - t0,
-                                correct=correct))
+                                correct=correct, metric_key=metric_key))
             logger.info(f'{bits} {label}: {",".join(metric_key)} = {cell(value)} (calibration {calib:.1f} s)')
             del model
+            if partial:
+                save_cells(partial, sig, results)
     table = format_table(results, settings, [c[0] for c in columns], metric_key, n_calib)
     print(table)
     pairs = paired_rows(results, settings, columns, args.baseline)
@@ -265,6 +313,8 @@ def main(argv=None):
                            metric=','.join(metric_key), threads=torch.get_num_threads(), results=results),
                       f, indent=2, default=float)
         os.replace(tmp, args.out)
+        if osp.isfile(partial):
+            os.remove(partial)
     return results
 
 

@@ -265,6 +265,44 @@ def test_ptq_table_benchmark_runs_every_cell_and_writes_json(float_run):
     assert len(paired) == 4 and all(0 <= q['p'] <= 1 and q['b'] >= 0 and q['c'] >= 0 for q in paired)
 
 
+def test_ptq_table_resume_keeps_the_cells_an_interrupted_run_finished(float_run, monkeypatch, capsys):
+    tmp, cfg, ckpt = float_run
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import ptq_table
+    out = tmp / 'resumed.json'
+    argv = [cfg, ckpt, '--methods', 'minmax,percentile', '--bits', 'w8a8,w4', '--granularity', 'channel',
+            '--calib-images', '32', '--out', str(out)]
+    real, calls = ptq_table.evaluate, []
+
+    def evaluate(*args, stop_after=None):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt                       # the machine went away after two cells
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(ptq_table, 'evaluate', lambda *a: evaluate(*a, stop_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        ptq_table.main(argv)
+    partial = read(str(out) + '.cells.json')
+    assert [(r['bits'], r['column']) for r in partial['results']] == [('fp', 'float'), ('w8a8', 'minmax (channel)')]
+    assert not out.exists()
+    # other arguments: the saved cells are not mixed in
+    with pytest.raises(SystemExit):
+        ptq_table.main(argv[:5] + ['w4'] + argv[6:] + ['--resume'])
+    assert 'holds cells of a run with other arguments' in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(ptq_table, 'evaluate', evaluate)
+    results = ptq_table.main(argv + ['--resume'])
+    assert len(calls) == 3                                # only the three cells not finished before
+    assert [(r['bits'], r['column']) for r in results] == [
+        ('fp', 'float'), ('w8a8', 'minmax (channel)'), ('w8a8', 'percentile (channel)'), ('w4', 'minmax (channel)'),
+        ('w4', 'percentile (channel)')]
+    assert results[1]['value'] == partial['results'][1]['value']
+    # the kept cell's per-image results came back: the image-by-image comparison uses them
+    assert all('paired' in r for r in results if r.get('method') == 'percentile')
+    assert read(out)['results'][1]['value'] == partial['results'][1]['value']
+    assert not osp.exists(str(out) + '.cells.json')
+
+
 @pytest.mark.parametrize('args, message', [
     (['--methods', 'nosuch'], "error: unknown quantization method 'nosuch'"),
     (['--granularity', 'tensor'], "error: unknown granularity ['tensor']; accepted: channel, layer"),

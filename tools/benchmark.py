@@ -12,7 +12,8 @@ RetinaNet PTQ table (bbox mAP). Float checkpoints come from ``--checkpoints`` (d
 recipes' work dirs); a missing one is trained first with its recipe (quick mode: 100 iterations).
 The report, ``results.md``, carries the machine, the library versions and the commit, and the
 plots: accuracy against bits per method and accuracy against weight size (the Pareto front), one
-pair per model. ``--resume`` keeps the steps whose results are already in ``--out-dir``.
+pair per model. ``--resume`` keeps the steps whose results are already in ``--out-dir`` and, of an
+interrupted step, the cells or training runs it had finished, so a full run can span several sittings.
 """
 import argparse
 import datetime
@@ -47,6 +48,8 @@ MODES = dict(
                det_test=20, qat_runs='lsq:w4a4', qat_images=1024, latency_runs=5, train_iters=100),
     full=dict(bits='w4,w3,w2,w4a4,w3a3,w2a4', brecq_iters=500, calib=1024, test=None, det_bits='w8a8,w4a8',
               det_calib=64, det_test=None, qat_runs=None, qat_images=None, latency_runs=50, train_iters=None))
+# scripts that keep the finished part of an interrupted run (cells, training runs) with --resume
+RESUMES_ITSELF = ('ptq_resnet18', 'ptq_resnet18_qdrop', 'ptq_vgg11bn', 'ptq_vgg11bn_qdrop', 'ptq_retinanet', 'qat')
 STEPS = ('ptq_resnet18', 'ptq_vgg11bn', 'qat', 'latency', 'ptq_retinanet')
 
 
@@ -57,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument('--out-dir', default=None, help='default work_dirs/benchmark/<mode>')
     p.add_argument('--checkpoints', nargs='*', default=[], metavar='MODEL=PATH',
                    help=f'float checkpoints ({", ".join(CHECKPOINTS)}); defaults: the recipes\' work dirs')
-    p.add_argument('--resume', action='store_true', help='keep the steps whose results are in --out-dir')
+    p.add_argument('--resume', action='store_true',
+                   help='keep the steps whose results are in --out-dir, and the finished cells / runs of an '
+                        'interrupted step')
     p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
     return p.parse_args(argv)
 
@@ -325,9 +330,12 @@ def main(argv=None):
         return plan
     done = {}
     for k, (name, argv, result) in enumerate(plan):
-        if args.resume and result and osp.isfile(osp.join(out_dir, result)):
+        # qat.json grows run by run, so it is no sign of a finished step: qat_table skips its finished runs
+        if args.resume and result and name != 'qat' and osp.isfile(osp.join(out_dir, result)):
             print(f'[{k + 1}/{len(plan)}] {name}: kept ({result})', flush=True)
             continue
+        if args.resume and name in RESUMES_ITSELF:
+            argv = argv + ['--resume']
         print(f'[{k + 1}/{len(plan)}] {name} ...', flush=True)
         rc, secs, text = run(name, argv, out_dir)
         done[name] = (rc, secs)
