@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .weight_std import standardize
+from .gemm_conv import gemm_conv2d, small_map
 
 
 class _QuantMixin:
@@ -108,7 +109,13 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         ph, pw = self.padding
         return F.pad(x, (pw, pw, ph, ph))
 
+    # set on an instance (BRECQ's reconstruction does, for its training loop): convolutions with at most
+    # gemm_conv.SMALL_MAP_POSITIONS output positions run as one matrix product (faster there, same result)
+    gemm_small_maps = False
+
     def _conv(self, x, w, b):
+        if self.gemm_small_maps and not self._pads_before_quant() and small_map(self, x):
+            return gemm_conv2d(x, w, b, self.stride, self.padding)
         if not self._pads_before_quant():
             return self._conv_forward(x, w, b)
         return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)

@@ -153,6 +153,8 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         p.requires_grad_(False)
     try:
         for _, layer in layers:
+            if hasattr(layer, 'gemm_small_maps'):           # matrix-product convolutions on small maps, for the loop
+                layer.gemm_small_maps = True
             wq, aq = layer.weight_quantizer, layer.input_quantizer
             qmin, qmax = wq.qrange()
             ada = AdaRoundWeight(layer.weight, wq.scale, wq.zero_point, qmin, qmax, wq.scheme.ch_axis)
@@ -244,6 +246,8 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         for layer, wq, aq in saved:
             layer.weight_quantizer = wq
             layer.input_quantizer = aq
+            if 'gemm_small_maps' in vars(layer):
+                del layer.gemm_small_maps
         unit.train(was_training)
     return ReconResult(loss_rtn, loss, done, time.perf_counter() - t0)
 
