@@ -34,7 +34,7 @@ class Net(nn.Module):
         return self.head(y) + self.head(y[..., ::2, ::2]).mean()     # head called twice, two shapes
 
 
-def _model(bits):
+def _model(bits, size=8):
     torch.manual_seed(0)
     model = Net().eval()
     for bn in (model.block.bn1, model.block.bn2):
@@ -43,7 +43,7 @@ def _model(bits):
     qc = QConfig.build(dict(first_layer_bits=None, last_layer_bits=None,
                             default=dict(w_observer='mse', a_observer='mse')), bits=bits)
     convert(model, qc)
-    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    batches = [torch.randn(16, 3, size, size) for _ in range(4)]
     calibrate(model, batches)
     return model, batches
 
@@ -94,6 +94,29 @@ def test_reconstruction_beats_nearest_and_leaves_weights_on_the_grid(drop_prob):
     with torch.no_grad():                                                # the model reproduces res.loss
         out = model.block(target[0].inputs)
     assert float(((out - target[0].outputs) ** 2).sum(1).mean()) == pytest.approx(res.loss, rel=1e-4)
+
+
+def test_small_maps_reconstruct_through_the_matrix_product_and_the_switch_is_removed(monkeypatch):
+    model, batches = _model('w2a4', size=2)                 # the block's convs see 2x2 maps: 4 output positions
+    fwd = lambda m, b: m(b)   # noqa: E731
+    from mmquant.calibrate import disabled
+    import mmquant.nn.qlayers as ql
+    quantizers = [q for _, layer in quant_layers(model) for q in (layer.weight_quantizer, layer.input_quantizer) if q]
+    with disabled(quantizers):
+        target = capture(model, model.block, batches, fwd, calls=1)
+    target[0].inputs = capture(model, model.block, batches, fwd, calls=1, outputs=False)[0].inputs
+    layers = [(n, m) for n, m in quant_layers(model) if n.startswith('block.')]
+    calls = []
+    real = ql.gemm_conv2d
+    monkeypatch.setattr(ql, 'gemm_conv2d', lambda *a: calls.append(1) or real(*a))
+    res = reconstruct(model.block, layers, target, ReconConfig(iters=200, batch_size=16))
+    assert res.loss < 0.8 * res.loss_rtn
+    assert len(calls) >= 2 * 200                            # both convs, every iteration
+    assert all('gemm_small_maps' not in vars(m) and not m.gemm_small_maps for _, m in layers)
+    n = len(calls)
+    with torch.no_grad():
+        model(batches[0])
+    assert len(calls) == n                                  # outside the loop: the ordinary convolution
 
 
 def test_qdrop_mixes_float_inputs_into_the_unit_input(monkeypatch):

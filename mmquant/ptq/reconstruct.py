@@ -153,12 +153,12 @@ def reconstruct(unit: nn.Module, layers: List[Tuple[str, nn.Module]], streams: S
         p.requires_grad_(False)
     try:
         for _, layer in layers:
-            if hasattr(layer, 'gemm_small_maps'):           # matrix-product convolutions on small maps, for the loop
-                layer.gemm_small_maps = True
             wq, aq = layer.weight_quantizer, layer.input_quantizer
             qmin, qmax = wq.qrange()
             ada = AdaRoundWeight(layer.weight, wq.scale, wq.zero_point, qmin, qmax, wq.scheme.ch_axis)
             saved.append((layer, wq, aq))
+            if hasattr(layer, 'gemm_small_maps'):           # matrix-product convolutions on small maps, for the loop
+                layer.gemm_small_maps = True
             layer.weight_quantizer = _AdaRoundQuant(ada)
             adas.append(ada)
             if aq is not None and cfg.act_lr > 0:
