@@ -2,6 +2,7 @@
 tools/test.py, reload the quantized checkpoint without calibrating, fake-quant training with
 tools/train.py, config-only use through custom_imports, and the CLI's one-line errors."""
 import json
+import os
 import os.path as osp
 import re
 import subprocess
@@ -303,6 +304,53 @@ def test_ptq_table_resume_keeps_the_cells_an_interrupted_run_finished(float_run,
     assert not osp.exists(str(out) + '.cells.json')
 
 
+def test_qat_table_jobs_train_runs_at_once_keep_the_order_and_resume(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import threading
+    import time
+    import qat_table
+    ckpt = tmp_path / 'float.pth'
+    ckpt.write_bytes(b'')
+    running, peak, seen = [0], [0], []
+    lock = threading.Lock()
+
+    def fake_run(cmd, log_path, env=None):              # stands in for one tools/train.py / tools/test.py process
+        if 'tools/test.py' in cmd[1]:
+            out = cmd[cmd.index('--out-metrics') + 1]
+            with open(out, 'w') as f:
+                json.dump(dict(metrics={'accuracy/top1': 91.0}), f)
+            return 0, 1.0
+        work_dir = cmd[cmd.index('--work-dir') + 1]
+        method = osp.basename(work_dir).split('_')[0]
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            seen.append((method, env and env.get('OMP_NUM_THREADS')))
+        time.sleep(0.3 if method == 'dorefa' else 0.05)  # the first run finishes last
+        os.makedirs(osp.join(work_dir, 'run', 'vis_data'))
+        with open(osp.join(work_dir, 'run', 'vis_data', 'scalars.json'), 'w') as f:
+            f.write(json.dumps({'accuracy/top1': 80.0 + len(method)}) + '\n')
+        with lock:
+            running[0] -= 1
+        return 0, 2.0
+    monkeypatch.setattr(qat_table, 'run', fake_run)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 4)
+    out = tmp_path / 'qat.json'
+    argv = [str(ckpt), '--work-root', str(tmp_path / 'runs'), '--out', str(out)]
+    rows = qat_table.main(argv + ['--runs', 'dorefa:w4a4,pact:w4a4,lsq:w4a4', '--jobs', '2'])
+    assert peak[0] == 2 and {t for _, t in seen} == {'2'}   # two at once, the 4 cores split between them
+    assert [(r['method'], r['top1']) for r in rows] == [('dorefa', 86.0), ('pact', 84.0), ('lsq', 83.0)]
+    assert [r['method'] for r in read(out)['rows']] == ['dorefa', 'pact', 'lsq']
+    seen.clear()
+    rows = qat_table.main(argv + ['--runs', 'dorefa:w4a4,pact:w4a4,lsq:w4a4,lsq:w2a2', '--resume'])
+    assert seen == [('lsq', None)]                       # only the new run; one job: the environment as it is
+    assert [(r['method'], r['bits']) for r in rows][-1] == ('lsq', 'w2a2') and len(rows) == 4
+    with pytest.raises(SystemExit):
+        qat_table.main(argv + ['--jobs', '0'])
+    assert capsys.readouterr().err.strip() == 'error: --jobs=0 must be >= 1'
+
+
 @pytest.mark.parametrize('args, message', [
     (['--methods', 'nosuch'], "error: unknown quantization method 'nosuch'"),
     (['--granularity', 'tensor'], "error: unknown granularity ['tensor']; accepted: channel, layer"),
@@ -404,6 +452,7 @@ def test_benchmark_plans_every_step_and_renders_tables_and_plots(tmp_path):
 @pytest.mark.parametrize('args, message', [
     (['--steps', 'ptq,nosuch'], "error: unknown step 'ptq'; accepted: ptq_resnet18"),
     (['--checkpoints', 'resnet50=x.pth'], "error: --checkpoints 'resnet50=x.pth': expected MODEL=PATH"),
+    (['--jobs', '0'], 'error: --jobs=0 must be >= 1'),
 ])
 def test_benchmark_errors_are_one_line(args, message):
     proc = run_tool('tools/benchmark.py', '--dry-run', *args, check=False)

@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument('--resume', action='store_true',
                    help='keep the steps whose results are in --out-dir, and the finished cells / runs of an '
                         'interrupted step')
+    p.add_argument('--jobs', type=int, default=1,
+                   help='QAT training runs at once (benchmarks/qat_table.py --jobs: each gets cores // jobs threads)')
     p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
     return p.parse_args(argv)
 
@@ -72,6 +74,8 @@ def check_args(args):
     bad = [s for s in steps if s not in STEPS]
     if bad or not steps:
         raise ValueError(f'unknown step {bad[0] if bad else "(none)"!r}; accepted: {", ".join(STEPS)}')
+    if args.jobs < 1:
+        raise ValueError(f'--jobs={args.jobs} must be >= 1')
     ckpts = dict(CHECKPOINTS)
     for item in args.checkpoints:
         key, sep, path = item.partition('=')
@@ -88,7 +92,7 @@ def subset(n):
     return [f'test_dataloader.dataset.indices={n}', f'val_dataloader.dataset.indices={n}']
 
 
-def commands(step, mode, ckpts, out_dir):
+def commands(step, mode, ckpts, out_dir, jobs=1):
     """``[(name, argv, result file)]`` of one step."""
     m = MODES[mode]
     if step in ('ptq_resnet18', 'ptq_vgg11bn'):
@@ -112,7 +116,7 @@ def commands(step, mode, ckpts, out_dir):
                  + (['--cfg-options'] + cfg if cfg else []), f'{step}.json')]
     if step == 'qat':
         argv = [PY, 'benchmarks/qat_table.py', ckpts['resnet18'], '--epochs', '1', '--work-root',
-                osp.join(out_dir, 'qat_runs'), '--out', osp.join(out_dir, 'qat.json')]
+                osp.join(out_dir, 'qat_runs'), '--out', osp.join(out_dir, 'qat.json'), '--jobs', str(jobs)]
         if m['qat_runs']:
             argv += ['--runs', m['qat_runs']]
         if m['qat_images']:
@@ -323,7 +327,7 @@ def main(argv=None):
             if MODES[args.mode]['train_iters']:
                 ckpts[model] = osp.join(osp.dirname(ckpts[model]) or '.', f'iter_{MODES[args.mode]["train_iters"]}.pth')
     for s in steps:
-        plan += commands(s, args.mode, ckpts, out_dir)
+        plan += commands(s, args.mode, ckpts, out_dir, args.jobs)
     if args.dry_run:
         for name, argv, _ in plan:
             print(f'{name}: ' + ' '.join(argv))
