@@ -441,12 +441,55 @@ def test_benchmark_plans_every_step_and_renders_tables_and_plots(tmp_path):
         json.dump(dict(rows=[dict(method='lsq', bits='w4a4', top1=91.5, seconds=300, fp_top1=92.0)]), f)
     env = dict(date='d', commit='c', machine='m', python='3.11', torch='t', mmengine='e', mmcv='v',
                mmpretrain='p', mmdet='d', onnxruntime='o')
-    text = benchmark.report(str(tmp_path), env, 'quick', {'ptq_resnet18': (0, 12.0)})
+    steps = {'ptq_resnet18': dict(rc=0, seconds=12.0, resumed=False, commit='c', date='d'),
+             'qat': dict(rc=0, seconds=30.0, resumed=True, commit='b', date='yesterday')}
+    text = benchmark.report(str(tmp_path), env, 'quick', steps)
+    # a step finished in an earlier sitting names its commit and says its time is the last sitting's
+    assert 'Steps and wall time: ptq_resnet18 12 s, qat 30 s (resumed: the time of the sitting that ' \
+           'finished it; commit b, yesterday)' in text
     assert '| W4A4 | 91.00 (2 s, 5.60 MB) | 91.80 (300 s, 5.60 MB) |' in text
     assert '| FP | 92.00 (44.00 MB) | 92.00 (44.00 MB) |' in text
     assert '| lsq | W4A4 | 91.50 | -0.50 | 300 |' in text and 'commit c' in text
     for png in ('resnet18_bits.png', 'resnet18_pareto.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG' and f'({png})' in text
+
+
+def test_benchmark_records_every_step_across_sittings(tmp_path, monkeypatch):
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    ckpt = tmp_path / 'r18.pth'
+    ckpt.write_bytes(b'')
+    ran = []
+    ptq = dict(metric='accuracy/top1', calib_images=128, results=[
+        dict(bits='fp', column='float', value=92.0, weight_bytes=44e6),
+        dict(bits='w4a4', column='brecq (channel)', value=91.0, calib_seconds=3.0, weight_bytes=5.6e6)])
+
+    def fake_run(name, argv, out_dir):                  # each step's script, writing its result file
+        ran.append((name, '--resume' in argv))
+        out = argv[argv.index('--out') + 1]
+        with open(out, 'w') as f:
+            json.dump(ptq if name.startswith('ptq') else dict(rows=[dict(
+                method='lsq', bits='w4a4', top1=91.5, seconds=300, fp_top1=92.0)]), f)
+        return 0, 5.0, ''
+    monkeypatch.setattr(benchmark, 'run', fake_run)
+    monkeypatch.setattr(benchmark, 'environment', lambda: dict(
+        date='d1', commit='c1', machine='m', python='3.11', torch='t', mmengine='e', mmcv='v', mmpretrain='p',
+        mmdet='d', onnxruntime='o'))
+    argv = ['--steps', 'ptq_resnet18,qat', '--out-dir', str(tmp_path), '--checkpoints', f'resnet18={ckpt}']
+    benchmark.main(argv)
+    assert ran == [('ptq_resnet18', False), ('ptq_resnet18_qdrop', False), ('qat', False)]
+    monkeypatch.setattr(benchmark, 'environment', lambda: dict(
+        date='d2', commit='c2', machine='m', python='3.11', torch='t', mmengine='e', mmcv='v', mmpretrain='p',
+        mmdet='d', onnxruntime='o'))
+    ran.clear()
+    benchmark.main(argv + ['--resume'])
+    assert ran == [('qat', True)]                       # the PTQ steps kept; QAT asked to resume its runs
+    steps = read(tmp_path / 'steps.json')
+    assert list(steps) == ['ptq_resnet18', 'ptq_resnet18_qdrop', 'qat']
+    assert steps['ptq_resnet18']['commit'] == 'c1' and steps['qat'] == dict(
+        rc=0, seconds=5.0, resumed=True, commit='c2', date='d2')
+    text = (tmp_path / 'results.md').read_text()
+    assert 'ptq_resnet18 5 s (commit c1, d1)' in text and 'commit c2' in text.splitlines()[2]
 
 
 @pytest.mark.parametrize('args, message', [

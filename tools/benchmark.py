@@ -273,13 +273,23 @@ def qat_markdown(result) -> str:
     return '\n'.join(lines)
 
 
-def report(out_dir, env, mode, steps_done) -> str:
-    """``results.md`` from the results in ``out_dir`` (and the plots it draws)."""
+def step_line(name, rec, commit) -> str:
+    """One step of ``steps.json`` for the report: wall time, and what differs from the report's run."""
+    notes = [] if rec['rc'] == 0 else [f'FAILED, rc {rec["rc"]}']
+    if rec.get('resumed'):
+        notes.append('resumed: the time of the sitting that finished it')
+    if rec.get('commit') != commit:
+        notes.append(f'commit {rec.get("commit")}, {rec.get("date")}')
+    return f'{name} {rec["seconds"]:.0f} s' + (f' ({"; ".join(notes)})' if notes else '')
+
+
+def report(out_dir, env, mode, steps) -> str:
+    """``results.md`` from the results in ``out_dir`` (and the plots it draws); ``steps``: the
+    records of ``steps.json`` (every step run into ``out_dir``, in this sitting or an earlier one)."""
     parts = [f'# mmquant benchmark ({mode} mode)', '',
              f'{env["date"]}, commit {env["commit"]}; {env["machine"]}; Python {env["python"]}, ' +
              ', '.join(f'{k} {env[k]}' for k in ('torch', 'mmengine', 'mmcv', 'mmpretrain', 'mmdet', 'onnxruntime')),
-             '', 'Steps and wall time: ' + ', '.join(f'{n} {s:.0f} s' + ('' if rc == 0 else f' (FAILED, rc {rc})')
-                                                   for n, (rc, s) in steps_done.items()), '']
+             '', 'Steps and wall time: ' + ', '.join(step_line(n, r, env['commit']) for n, r in steps.items()), '']
 
     def load(name):
         path = osp.join(out_dir, name)
@@ -332,24 +342,31 @@ def main(argv=None):
         for name, argv, _ in plan:
             print(f'{name}: ' + ' '.join(argv))
         return plan
-    done = {}
+    done, steps_file = {}, osp.join(out_dir, 'steps.json')
+    steps = {}
+    if osp.isfile(steps_file):
+        with open(steps_file) as f:
+            steps = json.load(f)
+    env = environment()
     for k, (name, argv, result) in enumerate(plan):
         # qat.json grows run by run, so it is no sign of a finished step: qat_table skips its finished runs
         if args.resume and result and name != 'qat' and osp.isfile(osp.join(out_dir, result)):
             print(f'[{k + 1}/{len(plan)}] {name}: kept ({result})', flush=True)
             continue
-        if args.resume and name in RESUMES_ITSELF:
+        resumed = args.resume and name in RESUMES_ITSELF
+        if resumed:
             argv = argv + ['--resume']
         print(f'[{k + 1}/{len(plan)}] {name} ...', flush=True)
         rc, secs, text = run(name, argv, out_dir)
         done[name] = (rc, secs)
+        steps[name] = dict(rc=rc, seconds=secs, resumed=resumed, commit=env['commit'], date=env['date'])
+        write_text_atomic(steps_file, json.dumps(steps, indent=1))
         print(f'[{k + 1}/{len(plan)}] {name}: {"ok" if rc == 0 else f"FAILED (rc {rc}), see {out_dir}/{name}.log"} '
               f'({secs:.0f} s)', flush=True)
         if rc == 0 and name == 'latency':
             table = [ln for ln in text.splitlines() if ln.startswith('|') or ln.startswith('onnxruntime ')]
             write_text_atomic(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
-    env = environment()
-    text = report(out_dir, env, args.mode, done)
+    text = report(out_dir, env, args.mode, steps)
     write_text_atomic(osp.join(out_dir, 'results.md'), text)
     print(text)
     print(f'wrote {out_dir}/results.md')
