@@ -188,6 +188,23 @@ def test_f8net_qat_model_with_pact_clipping_exports(tmp_path):
     run_checked(path, torch.randn(8, 3, 12, 12), model, atol=lambda ref: 1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize('fold', [False, True])
+def test_f8net_qat_model_with_the_clip_folded_requantises_by_shifts_only(tmp_path, fold):
+    # PACT's alpha / qmax in the producers' weights: every multiplier a power of two (8x8 input: the
+    # global pool averages 2^4 values); without the fold the layers' readers need multipliers
+    model = ResNetLike()
+    example = torch.randn(8, 3, 8, 8)
+    prepare_qat(model, 'f8net', 'w8a8', example_forward=lambda: model(example), fold_clip=fold)
+    model.train()
+    for _ in range(2):
+        model(torch.randn(8, 3, 8, 8))
+    model.eval()
+    path = export_int(model, example, str(tmp_path / 'int.onnx'))
+    mults = multipliers(path)
+    assert mults and all(is_power_of_two(m) for m in mults) == fold
+    run_checked(path, torch.randn(16, 3, 8, 8), model, atol=lambda ref: 1e-4 * np.abs(ref).max())
+
+
 class InvertedResidualLike(nn.Module):
     """MobileNetV2's block: 1x1 expand, ReLU6, depthwise 3x3, ReLU6, 1x1 project, residual add."""
 

@@ -97,13 +97,16 @@ def quant_meta(checkpoint: str, key: str = 'mmquant'):
 # LSQ steps and learned scales, L2 on PACT's clip level)
 QUANT_PARAM_DECAY = {'quantizer.step': 0.0, 'quantizer.gamma': 0.0, '.lambdas': 0.0, 'quantizer.alpha': 1.0}
 _QAT_KEYS = {'method', 'bits', 'qconfig', 'branches', 'calib_batches', 'alpha_decay_mult',
-             'first_layers', 'last_layers', 'distill'}
+             'first_layers', 'last_layers', 'distill', 'fold_clip'}
 
 
 def quant_from_qat_meta(meta: dict) -> dict:
     """The ``quant`` config dict that rebuilds the model a QAT checkpoint's meta describes (its
     ``distill`` settings, if any, are left out: the teacher only shaped the training loss)."""
-    return {k: meta[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+    quant = {k: meta[k] for k in ('method', 'bits', 'qconfig', 'branches', 'first_layers', 'last_layers')}
+    if meta.get('fold_clip'):
+        quant['fold_clip'] = True
+    return quant
 
 
 def is_qat_config(cfg) -> bool:
@@ -128,6 +131,8 @@ def apply_qat(cfg, method=None, bits=None):
     for key in ('first_layers', 'last_layers'):
         if quant.get(key) is not None:
             model[key] = list(quant[key])
+    if quant.get('fold_clip'):
+        model['fold_clip'] = True
     if quant.get('distill') is not None:        # knowledge distillation from the float model
         model['distill'] = check_distill(quant['distill'])
     cfg.model = model

@@ -43,7 +43,7 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
                           first_layers: Optional[Sequence[str]] = None,
                           last_layers: Optional[Sequence[str]] = None, data_preprocessor=None,
                           method: Optional[str] = None, branches: int = 5, distill: Optional[dict] = None,
-                          **kwargs):
+                          fold_clip: bool = False, **kwargs):
     """Build ``architecture`` and convert it by ``qconfig`` (``bits`` such as ``'w4a8'`` sets the
     default bits). ``first_layers`` / ``last_layers`` name the input / output layers; a quantized
     checkpoint records them, and without them the first / last layers in registration order
@@ -53,7 +53,8 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     ``method``: a QAT method (``dorefa``, ``pact``, ``sat``, ``lsq``, ``lqnet``, ``xnor``, ``xnorpp``,
     ``bireal``, ``groupnet``, ``f8net``): its quantizers and block rewrite, under ``qconfig``;
     ``branches`` is Group-Net's K. F8Net's conv -> BatchNorm fusion traces the model once on a
-    random 64 x 64 image (:func:`probe_forward`).
+    random 64 x 64 image (:func:`probe_forward`); ``fold_clip`` (F8Net) folds each PACT clipping
+    level into the weights of the layers that produce the clipped input.
 
     ``distill``: ``dict(checkpoint=PATH, weight=1.0, temperature=1.0)``, knowledge distillation
     from the float model (classifiers only): the same architecture, float, loaded from
@@ -62,7 +63,7 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
     if kwargs:
         raise TypeError(f'QuantizedModel got unexpected arguments {sorted(kwargs)}; accepted: '
                         'architecture, qconfig, bits, first_layers, last_layers, data_preprocessor, '
-                        'method, branches, distill')
+                        'method, branches, distill, fold_clip')
     if distill is not None:
         distill = check_distill(distill)          # one-line errors before anything is built
     architecture = dict(architecture)
@@ -78,10 +79,12 @@ def build_quantized_model(architecture: dict, qconfig: Optional[dict] = None, bi
                              f'{", ".join(sorted(QAT_METHODS))} (PTQ methods run through PTQLoop)')
         probe = probe_forward(model) if QAT_METHODS[method].fuse_bn else None
         report = prepare_qat(model, method, bits or 'w8a8', qconfig, branches=branches, io_layers=io,
-                             example_forward=probe)
+                             example_forward=probe, fold_clip=fold_clip)
         model.mmquant_qat = dict(method=method, bits=bits or 'w8a8', qconfig=dict(qconfig or {}),
                                  branches=branches, first_layers=report.first_layers,
                                  last_layers=report.last_layers)
+        if fold_clip:
+            model.mmquant_qat['fold_clip'] = True
     else:
         report = convert(model, QConfig.build(qconfig, bits=bits), io_layers=io)
     model.mmquant_report = report

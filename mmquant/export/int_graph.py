@@ -103,6 +103,17 @@ def pow2_at_least(v: float) -> int:
     return int(math.ceil(math.log2(max(v, 1e-30))))
 
 
+def shared_unit(*scales) -> float:
+    """The mantissa in [1, 2) that every one of ``scales`` has (so they differ by powers of two:
+    F8Net's weights with the clipping level folded in), else 1.
+
+    >>> shared_unit(np.array([0.75, 1.5]), 3.0), shared_unit(np.array([0.75, 0.5]))
+    (1.5, 1.0)
+    """
+    mant = np.concatenate([np.frexp(np.abs(np.asarray(s, np.float64)).reshape(-1))[0] for s in scales])
+    return float(2 * mant[0]) if np.all(mant == mant[0]) else 1.0
+
+
 def requant_params(ratio: np.ndarray) -> Tuple[np.ndarray, int]:
     """Integer multipliers ``m`` (< 2^31) and one right shift ``n`` with ``m / 2^n ~ ratio``
     (elementwise); exact where every ratio is a power of two.
@@ -235,11 +246,13 @@ class IntegerLowering:
         x = g.op('Clip', [x, g.const(np.int64(lo), 'lo'), g.const(np.int64(hi), 'hi')], 'clip')
         return g.op('Cast', [x], 'cast', to=out_type)
 
-    def widen(self, a: Acc, rank: int, bound: Optional[float] = None) -> Acc:
-        """``a`` as an int32 tensor with one power-of-two scale fitting ``bound`` (default its
-        own) in ``2^ACC_BITS``, ReLU applied."""
+    def widen(self, a: Acc, rank: int, bound: Optional[float] = None, unit: Optional[float] = None) -> Acc:
+        """``a`` as an int32 tensor with one scale ``unit 2^k`` fitting ``bound`` (default its
+        own) in ``2^ACC_BITS``, ReLU applied; ``unit`` (default :func:`shared_unit` of its scale,
+        1 unless F8Net's folded clipping levels) keeps the rescale a shift where it can be one."""
         bound = a.bound if bound is None else bound
-        t = 2.0 ** (pow2_at_least(bound) - ACC_BITS)
+        unit = shared_unit(a.scale) if unit is None else unit
+        t = unit * 2.0 ** (pow2_at_least(bound / unit) - ACC_BITS)
         if a.per_tensor and float(a.scale) == t and not a.relu and a.cap is None and a.bias is None:
             return a
         name = self.requant(a, t, 0, -(1 << 31), (1 << 31) - 1, rank, TensorProto.INT32)
@@ -424,10 +437,10 @@ class IntegerLowering:
         a = self.to_acc(x, node)
         if a.relu and c < 0:
             a = self.widen(a, self.rank(node.input[0]))
-        f = 1.0 / c if divide else c
-        self.vals[node.output[0]] = Acc(a.name, a.scale * f, a.bound * abs(f), a.relu,
-                                        None if a.bias is None else a.bias * f,
-                                        None if a.cap is None else a.cap * f)
+
+        def f(v):       # dividing, not multiplying by 1 / c: exact where the quotient is a power of two
+            return None if v is None else v / c if divide else v * c
+        self.vals[node.output[0]] = Acc(a.name, f(a.scale), abs(f(a.bound)), a.relu, f(a.bias), f(a.cap))
 
     def op_Div(self, node, ins):
         """A constant factor (F8Net's PACT divides a layer input by its clipping ``eta``) only
@@ -447,7 +460,8 @@ class IntegerLowering:
         a, b = (self.to_acc(v, node) for v in ins)
         rank = max(self.rank(i) for i in node.input)
         bound = a.bound + b.bound
-        a, b = self.widen(a, rank, bound), self.widen(b, rank, bound)
+        unit = shared_unit(a.scale, b.scale)
+        a, b = self.widen(a, rank, bound, unit), self.widen(b, rank, bound, unit)
         self.vals[node.output[0]] = Acc(self.g.op('Add', [a.name, b.name], 'add'), a.scale, bound)
 
     def op_MaxPool(self, node, ins):

@@ -93,15 +93,22 @@ def qat_qconfig(method: str, bits: str, qconfig=None) -> QConfig:
 
 
 def prepare_qat(model: nn.Module, method: str, bits: str, qconfig=None, branches: int = 5,
-                io_layers=None, example_forward: Optional[Callable] = None) -> ConversionReport:
+                io_layers=None, example_forward: Optional[Callable] = None,
+                fold_clip: bool = False) -> ConversionReport:
     """Rewrite the blocks ``method`` needs, then swap the layers; return the conversion report
     (with ``rewritten`` block names). ``branches``: Group-Net's K. ``example_forward`` (a
     no-argument callable running one batch) finds the input / output layers when ``io_layers``
-    is not given, and F8Net's conv -> BatchNorm pairs (required there)."""
+    is not given, and F8Net's conv -> BatchNorm pairs (required there). ``fold_clip`` (F8Net):
+    quantize each layer's weights in units of its readers' clipping level
+    (:func:`~mmquant.qat.clip_fold.fold_clip_units`)."""
     m = check_qat_method(method)
+    if fold_clip and not m.share_clip:
+        raise ValueError(f'fold_clip folds the PACT clipping levels of F8Net; method {method!r} has none '
+                         '(accepted with: f8net)')
     qc = qat_qconfig(method, bits, qconfig)
     if m.fuse_bn:
-        report = prepare_f8net(model, qc, example_forward, io_layers=io_layers, share_clip=m.share_clip)
+        report = prepare_f8net(model, qc, example_forward, io_layers=io_layers, share_clip=m.share_clip,
+                               fold_clip=fold_clip)
         report.rewritten = []
         return report
     rewritten = rewrite_binary_blocks(model, m.rewrite, branches) if m.rewrite else []

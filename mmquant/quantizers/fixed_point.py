@@ -29,6 +29,14 @@ by ``eta`` before its weight quantizer (``conv(Q(x / eta), Q(eta w))``): the cod
 ``round(clip(x, 0, alpha) qmax / alpha)``, and ``alpha`` lives in the integer weights (see
 :mod:`mmquant.nn.qlayers` and :mod:`mmquant.nn.conv_bn`). Its FL comes from the normalized input
 ``x / eta`` as above.
+
+Folding PACT's clipping level into the layer that produces the input (``fold_unit``, F8Net's
+"absorbed into the folded weights"): the reader's ``x / eta`` is ``x qmax / alpha`` up to a
+power of two, so the producing layer's weights are quantized in units of ``u = alpha / qmax``,
+``Q(w / u) u``: its grid is ``u 2^-FL``. The network computes the same function of its
+parameters up to that rounding, and in integers the product of the producer's operand scales
+divided by the reader's ``eta`` is a power of two: the requantisation between them is a shift
+(without the fold it needs a multiplier, ``qmax / alpha`` not being a power of two).
 """
 import math
 from typing import Optional, Sequence
@@ -182,6 +190,7 @@ class FixedPointQuantizer(QATQuantizer):
         self.clip = clip
         self.alpha_init = alpha_init
         self._clip_owner = None           # (quantizer,) whose alpha this one shares, see share_clip
+        self._unit_of = None              # weights: (reader's input quantizer,) whose alpha / qmax is folded in
         self._fitted_now = False          # initialised by input_scaling in this very forward pass
         self._refit = True                # weights: fit again at the next evaluation pass
         if clip == 'pact':
@@ -205,7 +214,26 @@ class FixedPointQuantizer(QATQuantizer):
 
     @property
     def scale(self) -> torch.Tensor:
-        return torch.pow(2.0, -self.frac_len.float())
+        """``2^-FL`` (times the folded unit, see :meth:`fold_unit`)."""
+        scale = torch.pow(2.0, -self.frac_len.float())
+        u = self.unit()
+        return scale if u is None else scale * u.detach()
+
+    def fold_unit(self, reader: 'FixedPointQuantizer'):
+        """Weights: quantize in units of ``reader``'s ``alpha / qmax`` (``reader``: the PACT input
+        quantizer of the layer that reads this layer's output; see the module doc)."""
+        if self.kind != 'weight' or getattr(reader, 'clip', None) != 'pact':
+            raise ValueError('fold_unit folds the clipping level of a reader with PACT into a weight quantizer')
+        self._unit_of = (reader, )
+        self._refit = True
+
+    def unit(self) -> Optional[torch.Tensor]:
+        """The folded ``alpha / qmax`` of the reader (computed as ``eta / 2^FL`` is: the same float),
+        or ``None``."""
+        if not self._unit_of:
+            return None
+        reader = self._unit_of[0]
+        return reader.clip_level() / reader.qrange()[1]
 
     def choose_fl(self, x: torch.Tensor) -> torch.Tensor:
         """The FL of ``x`` by ``fl_search``: one per channel row (weights per channel) or one."""
@@ -263,8 +291,12 @@ class FixedPointQuantizer(QATQuantizer):
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor):
-        """Weights: the FL of ``x`` (always: it is a function of the weight). Activations:
-        initialise from ``x`` unless calibrated (as the trained quantizers do)."""
+        """Weights: the FL of ``x`` (always: it is a function of the weight; in the folded unit).
+        Activations: initialise from ``x`` unless calibrated (as the trained quantizers do)."""
+        u = self.unit()
+        self._fit(x if u is None else x / u)
+
+    def _fit(self, x: torch.Tensor):
         if self.kind == 'weight':
             self.frac_len.copy_(self.choose_fl(x).expand_as(self.frac_len))
             self.calibrated.fill_(True)
@@ -342,16 +374,22 @@ class FixedPointQuantizer(QATQuantizer):
         return fl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.unit()
+        if u is None or not self.enabled:
+            return self._quantize(x)
+        return self._quantize(x / u) * u
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             return self.observe(x)
         if not self.enabled:
             return x
         if self.kind == 'weight':
             if not bool(self.calibrated) or (not self.frozen and (self.training or self._refit)):
-                self.fit(x)
+                self._fit(x)
             fl = self.frac_len
         elif not bool(self.calibrated):
-            self.fit(x)
+            self._fit(x)
             fl = self.frac_len
         elif self.training and not self.frozen and not self._fitted_now:
             fl = self._track(x)

@@ -1,0 +1,124 @@
+"""F8Net: PACT's clipping level folded into the layer that produces the clipped input (torch only).
+
+A layer with PACT as fixed point reads ``Q(x / eta)``, ``eta = 2^FL alpha / qmax``. The paper
+absorbs the ``1 / eta`` into the layer that produced ``x``: up to a power of two it is
+``qmax / alpha``, so the producer's (BatchNorm-folded) weights are quantized in units of
+``alpha / qmax`` (:meth:`~mmquant.quantizers.FixedPointQuantizer.fold_unit`), and an integer
+network then rescales between the two layers by shifts only.
+
+Which layer produces what a layer reads is found on the autograd graph of one forward pass
+(:func:`first_readers`): walking back from each quantized layer's input, the first outputs of
+quantized layers met are its producers, through whatever lies between (BatchNorm, ReLU, pooling,
+residual adds, reshapes). A producer is folded with the one clipping level all its first readers
+share (:func:`fold_clip_units` ties them first): a residual stream's readers already share one
+once :func:`~mmquant.nn.share_residual_clipping` tied them; the fold adds the layers that read
+the stream outside the chain of blocks (the classifier after the last one). A producer with a
+reader without PACT is left as it was and named in the result.
+"""
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..calibrate import disabled
+from ..convert import all_quantizers
+from ..nn import QUANT_LAYERS
+
+
+def _producers(fn, made: Dict[object, str]) -> List[str]:
+    """The quantized layers whose outputs the autograd node ``fn`` reaches first, walking back."""
+    found, seen, stack = [], set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made:
+            if made[node] not in found:
+                found.append(made[node])
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def first_readers(model: nn.Module, example_forward: Callable[[], object]) -> Dict[str, List[str]]:
+    """For every quantized layer of ``model``, the quantized layers that read its output before any
+    other quantized layer does, from one run of ``example_forward`` (quantizers off, gradients
+    on so that the autograd graph records the dataflow; nothing is updated)."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+    made, reads = {}, {}
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            made[out.grad_fn] = names[module]
+        if args and isinstance(args[0], torch.Tensor) and args[0].grad_fn is not None:
+            reads.setdefault(names[module], []).append(args[0].grad_fn)
+    handles = [m.register_forward_hook(hook) for m in names]
+    frozen = [p for p in model.parameters() if not p.requires_grad]     # so every layer output has a node
+    was_training = model.training
+    model.eval()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad(), disabled(all_quantizers(model)):
+            example_forward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+    readers = {n: [] for n in names.values()}
+    for reader, fns in reads.items():
+        for fn in fns:
+            for producer in _producers(fn, made):
+                if reader not in readers[producer]:
+                    readers[producer].append(reader)
+    return readers
+
+
+def _clip_owner(q):
+    owner = getattr(q, '_clip_owner', None)
+    return owner[0] if owner else q
+
+
+def _tie(quantizers, every_pact):
+    """One clipping level for ``quantizers``: the first one's owner becomes the owner of the others
+    and of every quantizer that shared theirs (``every_pact``: all PACT quantizers of the model)."""
+    root = _clip_owner(quantizers[0])
+    for q in quantizers[1:]:
+        owner = _clip_owner(q)
+        if owner is root:
+            continue
+        for other in every_pact:
+            if other is not owner and _clip_owner(other) is owner:
+                other._clip_owner = (root, )
+        owner.share_clip(root)
+
+
+def fold_clip_units(model: nn.Module, example_forward: Callable[[], object]
+                    ) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """Fold into each fixed-point producer the clipping level of its first readers (module doc),
+    tying the readers of one producer to one clipping level first: F8Net's sharing along a
+    residual stream, extended to every layer that reads the stream (the classifier reading the
+    last one, the convs reading it through identity shortcuts). Returns ``(folded, left)``:
+    ``(producer, reader)`` pairs, and the producers left unfolded because a reader has no PACT."""
+    modules = dict(model.named_modules())
+    every_pact = [m for m in model.modules() if getattr(m, 'clip', None) == 'pact']
+    folds, left = [], []
+    for producer, readers in first_readers(model, example_forward).items():
+        wq = getattr(modules[producer], 'weight_quantizer', None)
+        if not readers or not hasattr(wq, 'fold_unit'):
+            continue
+        quantizers = [getattr(modules[r], 'input_quantizer', None) for r in readers]
+        if any(getattr(q, 'clip', None) != 'pact' for q in quantizers):
+            left.append(producer)
+            continue
+        _tie(quantizers, every_pact)
+        folds.append((producer, readers[0], wq, quantizers[0]))
+    for _, _, wq, reader in folds:
+        wq.fold_unit(reader)
+    return [(p, r) for p, r, _, _ in folds], left
+
+
+__all__ = ['first_readers', 'fold_clip_units']
