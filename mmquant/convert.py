@@ -74,12 +74,14 @@ class ConversionReport:
         return '\n'.join(lines)
 
 
-def find_io_layers(model: nn.Module, names: List[str],
-                   example_forward: Callable[[], object]) -> Tuple[Set[str], Set[str]]:
-    """Find the input layers (no quantizable layer upstream) and the output layers (no quantizable
-    layer downstream) among ``names`` by one forward pass, following the autograd graph from each
-    layer's input back to the nearest layer outputs. Exact through any functional code (residual
-    adds, concatenation, RoI ops), and heads shared across FPN levels are handled."""
+def upstream_layers(model: nn.Module, names: List[str],
+                    example_forward: Callable[[], object]) -> Dict[str, List[str]]:
+    """For each of ``names`` that one run of ``example_forward`` calls, the layers among ``names``
+    whose outputs its input reaches first, following the autograd graph from the layer's input
+    back to the nearest layer outputs (an empty list: nothing of ``names`` upstream). Exact through
+    any functional code (residual adds, concatenation, RoI ops); a layer called several times
+    (heads shared across FPN levels) collects the producers of every call. Nothing is updated
+    (evaluation mode; frozen parameters are unfrozen for the run so that the graph is whole)."""
     modules = dict(model.named_modules())
     out_node: Dict[object, str] = {}
     in_nodes: Dict[str, list] = {n: [] for n in names}
@@ -110,8 +112,11 @@ def find_io_layers(model: nn.Module, names: List[str],
             p.requires_grad_(False)
         model.train(was_training)
 
-    has_upstream, feeds = set(), set()
+    upstream = {}
     for name, nodes in in_nodes.items():
+        if not nodes:
+            continue
+        found = upstream[name] = []
         for start in nodes:
             stack, seen = [start] if start is not None else [], set()
             while stack:
@@ -120,13 +125,21 @@ def find_io_layers(model: nn.Module, names: List[str],
                     continue
                 seen.add(node)
                 if node in out_node:
-                    feeds.add(out_node[node])
-                    has_upstream.add(name)
+                    if out_node[node] not in found:
+                        found.append(out_node[node])
                     continue
                 stack.extend(nxt for nxt, _ in node.next_functions)
-    called = {n for n, nodes in in_nodes.items() if nodes}
-    first = called - has_upstream
-    last = called - feeds
+    return upstream
+
+
+def find_io_layers(model: nn.Module, names: List[str],
+                   example_forward: Callable[[], object]) -> Tuple[Set[str], Set[str]]:
+    """Find the input layers (no quantizable layer upstream) and the output layers (no quantizable
+    layer downstream) among ``names`` by one forward pass (:func:`upstream_layers`)."""
+    upstream = upstream_layers(model, names, example_forward)
+    feeds = {p for producers in upstream.values() for p in producers}
+    first = {n for n, producers in upstream.items() if not producers}
+    last = set(upstream) - feeds
     return first, last
 
 

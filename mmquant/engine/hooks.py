@@ -47,6 +47,9 @@ class QuantCalibrationHook(Hook):
             qat = getattr(model, 'mmquant_qat', None)
             what = f'{qat["method"]} {qat["bits"]}' if qat else 'fake-quant'
             fused = f'; {len(report.fused)} convs fold their BatchNorm' if report.fused else ''
+            if getattr(report, 'folded_clip', None):
+                fused += (f'; {len(report.folded_clip)} layers quantize their weights in units of their readers\' '
+                          'PACT clipping level')
             runner.logger.info(f'mmquant: {what}: {len(report.quantized)} layers quantized, '
                                f'{len(report.kept_float)} kept float{fused}; first {report.first_layers}, '
                                f'last {report.last_layers}')

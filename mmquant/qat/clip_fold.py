@@ -17,63 +17,23 @@ reader without PACT is left as it was and named in the result.
 """
 from typing import Callable, Dict, List, Tuple
 
-import torch
 from torch import nn
 
 from ..calibrate import disabled
-from ..convert import all_quantizers
+from ..convert import all_quantizers, upstream_layers
 from ..nn import QUANT_LAYERS
-
-
-def _producers(fn, made: Dict[object, str]) -> List[str]:
-    """The quantized layers whose outputs the autograd node ``fn`` reaches first, walking back."""
-    found, seen, stack = [], set(), [fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in made:
-            if made[node] not in found:
-                found.append(made[node])
-            continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return found
 
 
 def first_readers(model: nn.Module, example_forward: Callable[[], object]) -> Dict[str, List[str]]:
     """For every quantized layer of ``model``, the quantized layers that read its output before any
-    other quantized layer does, from one run of ``example_forward`` (quantizers off, gradients
-    on so that the autograd graph records the dataflow; nothing is updated)."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
-    made, reads = {}, {}
-
-    def hook(module, args, out):
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            made[out.grad_fn] = names[module]
-        if args and isinstance(args[0], torch.Tensor) and args[0].grad_fn is not None:
-            reads.setdefault(names[module], []).append(args[0].grad_fn)
-    handles = [m.register_forward_hook(hook) for m in names]
-    frozen = [p for p in model.parameters() if not p.requires_grad]     # so every layer output has a node
-    was_training = model.training
-    model.eval()
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.enable_grad(), disabled(all_quantizers(model)):
-            example_forward()
-    finally:
-        for h in handles:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(False)
-        model.train(was_training)
-    readers = {n: [] for n in names.values()}
-    for reader, fns in reads.items():
-        for fn in fns:
-            for producer in _producers(fn, made):
-                if reader not in readers[producer]:
-                    readers[producer].append(reader)
+    other quantized layer does (:func:`~mmquant.convert.upstream_layers`, quantizers off)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+    with disabled(all_quantizers(model)):
+        upstream = upstream_layers(model, names, example_forward)
+    readers = {n: [] for n in names}
+    for reader, producers in upstream.items():
+        for producer in producers:
+            readers[producer].append(reader)
     return readers
 
 
