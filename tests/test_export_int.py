@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmquant import quantize
-from mmquant.export import IntegerSimulator, IntExportError, export_int, op_census
+from mmquant.export import IntegerSimulator, IntExportError, export_int, multiplier_census, op_census
 from mmquant.export.int_graph import requant_params
 from mmquant.qat import prepare_qat
 
@@ -202,6 +202,8 @@ def test_f8net_qat_model_with_the_clip_folded_requantises_by_shifts_only(tmp_pat
     path = export_int(model, example, str(tmp_path / 'int.onnx'))
     mults = multipliers(path)
     assert mults and all(is_power_of_two(m) for m in mults) == fold
+    n, k = multiplier_census(onnx.load(path))
+    assert n == len(mults) and k == sum(is_power_of_two(m) for m in mults)
     run_checked(path, torch.randn(16, 3, 8, 8), model, atol=lambda ref: 1e-4 * np.abs(ref).max())
 
 

@@ -108,6 +108,8 @@ def test_int_export_of_a_folded_residual_quantized_checkpoint(float_run):
     proc = run_tool('tools/export.py', cfg, qckpt, '--format', 'int', '--out', str(out / 'int.onnx'),
                     '--check-images', '32', '--work-dir', str(out / 'exp'))
     assert 'onnxruntime vs the PyTorch integer simulator: 32 of 32 images bit-identical' in proc.stdout, proc.stdout[-2000:]
+    census = re.search(r'requantisation: (\d+) integer multipliers, (\d+) of them powers of two', proc.stdout)
+    assert census and int(census.group(1)) > 0
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith('onnxruntime vs PyTorch on 32 test images')][0]
     top1 = re.findall(r'([0-9.]+) \((?:onnxruntime|PyTorch)', line)
     assert len(top1) == 2 and top1[0] == top1[1]

@@ -29,6 +29,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmen
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import torch  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -37,7 +38,7 @@ from mmquant.convert import quant_layers  # noqa: E402
 from mmquant.engine.cli import (apply_qat, check_file, fail, load_config, ptq_test_cfg,  # noqa: E402
                                 quant_from_qat_meta, quant_meta)
 from mmquant.engine.ptq_loop import TensorMode, flatten_outputs, unwrap  # noqa: E402
-from mmquant.export import IntegerSimulator, QDQExportError, export_int, export_qdq  # noqa: E402
+from mmquant.export import IntegerSimulator, QDQExportError, export_int, export_qdq, multiplier_census  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -139,6 +140,10 @@ def main(argv=None):
         fail(str(e))
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, format {args.format})')
     result = dict(out=args.out)
+    if args.format == 'int':
+        n, k = multiplier_census(onnx.load(args.out))
+        print(f'requantisation: {n} integer multipliers, {k} of them powers of two (shifts only)')
+        result.update(multipliers=n, power_of_two_multipliers=k)
     if args.check_images > 0:
         n, diff, top1_ort, top1_pt, mismatched = check(model, runner, args.out, args.check_images,
                                                        simulate=args.format == 'int')

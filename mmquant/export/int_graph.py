@@ -621,6 +621,18 @@ def op_census(model: onnx.ModelProto) -> Dict[str, List[str]]:
     return out
 
 
+def multiplier_census(model: onnx.ModelProto) -> Tuple[int, int]:
+    """``(n, k)``: the requantisation multipliers of an integer graph written here, and how many of
+    them are powers of two in every channel (the requantisation is then shifts only)."""
+    n = k = 0
+    for t in model.graph.initializer:
+        if t.name.startswith('mult'):
+            m = np.abs(numpy_helper.to_array(t).astype(np.float64))
+            n += 1
+            k += bool(np.all(np.frexp(m)[0] == 0.5))
+    return n, k
+
+
 def export_int(model, example, path: str, opset: int = 17) -> str:
     """Export ``model`` (as :func:`mmquant.export.export_qdq` takes it) as an integer-only ONNX
     graph to ``path`` (a temporary file, then renamed)."""
