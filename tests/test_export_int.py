@@ -204,7 +204,9 @@ def test_f8net_qat_model_with_the_clip_folded_requantises_by_shifts_only(tmp_pat
     assert mults and all(is_power_of_two(m) for m in mults) == fold
     n, k = multiplier_census(onnx.load(path))
     assert n == len(mults) and k == sum(is_power_of_two(m) for m in mults)
-    run_checked(path, torch.randn(16, 3, 8, 8), model, atol=lambda ref: 1e-4 * np.abs(ref).max())
+    # equal to the fake-quant model on 1024 images: the shifts as short as 1 bit keep the biases at
+    # 2^-29 of a step (rounded to 2^-n, 5 of these 5120 outputs moved by 0.3%)
+    run_checked(path, torch.randn(1024, 3, 8, 8), model, atol=lambda ref: 1e-6 * np.abs(ref).max())
 
 
 class InvertedResidualLike(nn.Module):
