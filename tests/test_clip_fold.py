@@ -102,3 +102,14 @@ def test_quantized_model_records_the_fold_and_a_rebuild_from_its_meta_loads_its_
     assert quant['fold_clip'] is True
     rebuilt = MODELS.build(dict(type='QuantizedModel', architecture=arch, **quant))
     rebuilt.load_state_dict(model.state_dict())                 # strict: the same tied clipping levels
+
+
+def test_tying_two_shared_levels_moves_the_followers_of_the_second_to_the_first():
+    from mmquant.qat.clip_fold import _tie
+    a, b, c, d = (FixedPointQuantizer(bits=8, kind='act', clip='pact', alpha_init=v) for v in (1.0, 2.0, 3.0, 4.0))
+    b.share_clip(a)
+    d.share_clip(c)
+    _tie([b, d], [a, b, c, d])
+    assert all(q.clip_owner() is a for q in (a, b, c, d))
+    assert [n for q in (a, b, c, d) for n, _ in q.named_parameters()] == ['alpha']    # a's alone
+    assert float(d.clip_level().detach()) == 1.0

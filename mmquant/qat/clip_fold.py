@@ -37,23 +37,17 @@ def first_readers(model: nn.Module, example_forward: Callable[[], object]) -> Di
     return readers
 
 
-def _clip_owner(q):
-    owner = getattr(q, '_clip_owner', None)
-    return owner[0] if owner else q
-
-
 def _tie(quantizers, every_pact):
     """One clipping level for ``quantizers``: the first one's owner becomes the owner of the others
     and of every quantizer that shared theirs (``every_pact``: all PACT quantizers of the model)."""
-    root = _clip_owner(quantizers[0])
+    root = quantizers[0].clip_owner()
     for q in quantizers[1:]:
-        owner = _clip_owner(q)
+        owner = q.clip_owner()
         if owner is root:
             continue
-        for other in every_pact:
-            if other is not owner and _clip_owner(other) is owner:
-                other._clip_owner = (root, )
-        owner.share_clip(root)
+        followers = [o for o in every_pact if o is not owner and o.clip_owner() is owner]
+        for other in followers + [owner]:         # the owner last: it drops its alpha
+            other.share_clip(root)
 
 
 def fold_clip_units(model: nn.Module, example_forward: Callable[[], object]

@@ -256,19 +256,21 @@ class FixedPointQuantizer(QATQuantizer):
 
     # -- PACT as fixed point ---------------------------------------------------------------
 
+    def clip_owner(self) -> 'FixedPointQuantizer':
+        """The quantizer whose ``alpha`` this one uses: itself, or the one it shares (:meth:`share_clip`)."""
+        return self._clip_owner[0] if self._clip_owner else self
+
     def clip_level(self) -> torch.Tensor:
         """``|alpha|``, this quantizer's or the one it shares (see :meth:`share_clip`)."""
-        owner = self._clip_owner[0] if self._clip_owner else self
-        return owner.alpha.abs().clamp_min(1e-4)
+        return self.clip_owner().alpha.abs().clamp_min(1e-4)
 
     def share_clip(self, owner: 'FixedPointQuantizer'):
         """Use ``owner``'s clipping level from now on (F8Net shares it between the readers of a
         residual stream); this quantizer's own ``alpha`` is dropped."""
         if self.clip != 'pact' or owner.clip != 'pact':
             raise ValueError("share_clip needs two clip='pact' quantizers")
+        owner = owner.clip_owner()
         if owner is not self:
-            if owner._clip_owner:
-                owner = owner._clip_owner[0]
             self._clip_owner = (owner, )
             if 'alpha' in self._parameters:
                 del self._parameters['alpha']
