@@ -69,10 +69,9 @@ def fold_clip_units(model: nn.Module, example_forward: Callable[[], object]
             left.append(producer)
             continue
         _tie(quantizers, every_pact)
-        folds.append((producer, readers[0], wq, quantizers[0]))
-    for _, _, wq, reader in folds:
-        wq.fold_unit(reader)
-    return [(p, r) for p, r, _, _ in folds], left
+        wq.fold_unit(quantizers[0])              # its unit follows the reader's owner, also after later ties
+        folds.append((producer, readers[0]))
+    return folds, left
 
 
 __all__ = ['first_readers', 'fold_clip_units']
