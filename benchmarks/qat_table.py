@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mmquant.fileio import write_text_atomic  # noqa: E402  (a lock keeps the threads' saves apart)
 DEFAULT_RUNS = ('dorefa:w4a4,pact:w4a4,lsq:w4a4,lqnet:w4a4,dorefa:w2a2,pact:w2a2,lsq:w2a2,lqnet:w2a2,'
                 'xnor:w1a1,xnorpp:w1a1,bireal:w1a1,groupnet:w1a1')
 
@@ -104,13 +106,6 @@ def job_env(jobs: int):
     return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
 
 
-def save(path, rows):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
-
-
 def table(rows, fp):
     lines = [f'| method | bits | epochs | top-1 | vs FP ({fp:.2f}) | train wall (s) |', '|---|---|---|---|---|---|']
     for r in rows:
@@ -157,7 +152,7 @@ def main(argv=None):
             print(f'{method} {bits}: top-1 {top1} ({seconds:.0f} s)' +
                   ('' if rc == 0 else f', failed, see {work_dir}.log'), flush=True)
             if args.out:
-                save(args.out, dict(checkpoint=args.checkpoint, rows=rows))
+                write_text_atomic(args.out, json.dumps(dict(checkpoint=args.checkpoint, rows=rows), indent=2))
 
     todo = [r for r in runs if (r[0], r[1]) not in done]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -468,6 +468,10 @@ def test_benchmark_records_every_step_across_sittings(tmp_path, monkeypatch):
 
     def fake_run(name, argv, out_dir):                  # each step's script, writing its result file
         ran.append((name, '--resume' in argv))
+        if name == 'qat' and '--resume' in argv:        # a sitting beside this one finishes a step meanwhile
+            steps = read(tmp_path / 'steps.json')
+            steps['latency'] = dict(rc=0, seconds=7.0, resumed=False, commit='c3', date='d3')
+            (tmp_path / 'steps.json').write_text(json.dumps(steps))
         out = argv[argv.index('--out') + 1]
         with open(out, 'w') as f:
             json.dump(ptq if name.startswith('ptq') else dict(rows=[dict(
@@ -487,11 +491,14 @@ def test_benchmark_records_every_step_across_sittings(tmp_path, monkeypatch):
     benchmark.main(argv + ['--resume'])
     assert ran == [('qat', True)]                       # the PTQ steps kept; QAT asked to resume its runs
     steps = read(tmp_path / 'steps.json')
-    assert list(steps) == ['ptq_resnet18', 'ptq_resnet18_qdrop', 'qat']
+    assert list(steps) == ['ptq_resnet18', 'ptq_resnet18_qdrop', 'qat', 'latency']   # the other sitting's kept
+    date = steps['qat'].pop('date')                     # when the step started, not when the sitting did
+    assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d', date)
     assert steps['ptq_resnet18']['commit'] == 'c1' and steps['qat'] == dict(
-        rc=0, seconds=5.0, resumed=True, commit='c2', date='d2')
+        rc=0, seconds=5.0, resumed=True, commit='c2')
     text = (tmp_path / 'results.md').read_text()
-    assert 'ptq_resnet18 5 s (commit c1, d1)' in text and 'commit c2' in text.splitlines()[2]
+    assert f'ptq_resnet18 5 s (commit c1, {steps["ptq_resnet18"]["date"]})' in text
+    assert 'commit c2' in text.splitlines()[2] and 'latency 7 s (commit c3, d3)' in text
 
 
 @pytest.mark.parametrize('args, message', [

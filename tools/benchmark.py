@@ -36,7 +36,7 @@ from qat_table import fail  # noqa: E402  (the benchmarks' one-line error)
 CHECKPOINTS = dict(
     resnet18='work_dirs/resnet18_fashionmnist/epoch_8.pth',
     vgg11bn='work_dirs/vgg11bn_fashionmnist/epoch_4.pth',
-    retinanet='work_dirs/retinanet_r18_fpn_fashiondet/epoch_2.pth')
+    retinanet='work_dirs/retinanet_r18_fpn_fashiondet/epoch_6.pth')
 CONFIGS = dict(
     resnet18='configs/resnet18_fashionmnist.py',
     vgg11bn='configs/vgg11bn_fashionmnist.py',
@@ -151,6 +151,14 @@ def train_command(model, mode, ckpt):
                  'train_cfg.val_interval=100000', 'param_scheduler=[]',
                  'default_hooks.checkpoint.by_epoch=False', f'default_hooks.checkpoint.interval={iters}']
     return argv
+
+
+def read_steps(path):
+    """The step records of ``steps.json`` (``{}`` before the first step)."""
+    if not osp.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def run(name, argv, out_dir):
@@ -343,10 +351,6 @@ def main(argv=None):
             print(f'{name}: ' + ' '.join(argv))
         return plan
     done, steps_file = {}, osp.join(out_dir, 'steps.json')
-    steps = {}
-    if osp.isfile(steps_file):
-        with open(steps_file) as f:
-            steps = json.load(f)
     env = environment()
     for k, (name, argv, result) in enumerate(plan):
         # qat.json grows run by run, so it is no sign of a finished step: qat_table skips its finished runs
@@ -357,16 +361,19 @@ def main(argv=None):
         if resumed:
             argv = argv + ['--resume']
         print(f'[{k + 1}/{len(plan)}] {name} ...', flush=True)
+        started = datetime.datetime.now().isoformat(timespec='seconds')
         rc, secs, text = run(name, argv, out_dir)
         done[name] = (rc, secs)
-        steps[name] = dict(rc=rc, seconds=secs, resumed=resumed, commit=env['commit'], date=env['date'])
-        write_text_atomic(steps_file, json.dumps(steps, indent=1))
+        # read again before writing: another sitting may run other steps into the same --out-dir meanwhile
+        records = read_steps(steps_file)
+        records[name] = dict(rc=rc, seconds=secs, resumed=resumed, commit=env['commit'], date=started)
+        write_text_atomic(steps_file, json.dumps(records, indent=1))
         print(f'[{k + 1}/{len(plan)}] {name}: {"ok" if rc == 0 else f"FAILED (rc {rc}), see {out_dir}/{name}.log"} '
               f'({secs:.0f} s)', flush=True)
         if rc == 0 and name == 'latency':
             table = [ln for ln in text.splitlines() if ln.startswith('|') or ln.startswith('onnxruntime ')]
             write_text_atomic(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
-    text = report(out_dir, env, args.mode, steps)
+    text = report(out_dir, env, args.mode, read_steps(steps_file))
     write_text_atomic(osp.join(out_dir, 'results.md'), text)
     print(text)
     print(f'wrote {out_dir}/results.md')
