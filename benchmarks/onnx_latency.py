@@ -9,7 +9,10 @@ run by run so a drift of the machine hits all alike.
         r18_w8a8.onnx r18_w4a4.onnx --batch 1,32 --threads 2
 """
 import argparse
+import json
+import os
 import os.path as osp
+import re
 import statistics
 import sys
 import tempfile
@@ -42,7 +45,57 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=2, help='onnxruntime intra-op threads')
     p.add_argument('--runs', type=int, default=50)
     p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--profile', action='store_true',
+                   help='also time every kernel with onnxruntime\'s profiler and print where the time goes: '
+                        'per stage (layerN), other convolutions (the stem) and other ops, against fp32')
     return p.parse_args(argv)
+
+
+CONV_OPS = ('Conv', 'FusedConv', 'QLinearConv', 'ConvInteger', 'NhwcFusedConv')
+STAGE = re.compile(r'(layer\d+|stage\d+|features\.\d+)')
+
+
+def kernel_groups(profile_events, runs):
+    """Kernel milliseconds per run, from onnxruntime's profile, over its last ``runs`` runs (the
+    warm-up before them left out), by group: the stage the node's name names (``layer3``), else
+    ``other convs`` / ``other ops``."""
+    windows = [(e['ts'], e['ts'] + e['dur']) for e in profile_events if e.get('name') == 'model_run'][-runs:]
+    out = {}
+    for e in profile_events:
+        if e.get('cat') != 'Node' or not e['name'].endswith('_kernel_time'):
+            continue
+        if not any(a <= e['ts'] <= b for a, b in windows):
+            continue
+        m = STAGE.search(e['name'])
+        group = m.group(1) if m else ('other convs' if e['args']['op_name'] in CONV_OPS else 'other ops')
+        out[group] = out.get(group, 0.0) + e['dur'] / 1000 / len(windows)
+    return out
+
+
+def profile(paths, names, opts, x, runs, warmup):
+    """Print a table: kernel ms per group for each model, with the first's (fp32) time over it."""
+    import onnxruntime as ort
+    per_model = []
+    for path in paths:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = osp.join(tempfile.mkdtemp(), 'prof')
+        sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+        for _ in range(warmup + runs):
+            sess.run(None, {'input': x})
+        prof = sess.end_profiling()
+        with open(prof) as f:
+            per_model.append(kernel_groups(json.load(f), runs))
+        os.remove(prof)
+    opts.enable_profiling = False
+    keys = sorted({k for g in per_model for k in g}, key=lambda k: (not STAGE.fullmatch(k), k))
+    print(f'\nkernel time per run (ms, onnxruntime profiler, batch {x.shape[0]}; ratio: fp32 / model)')
+    print('| group | ' + ' | '.join(names) + ' |')
+    print('|---' * (1 + len(names)) + '|')
+    for k in keys + ['all kernels']:
+        vals = [sum(g.values()) if k == 'all kernels' else g.get(k, 0.0) for g in per_model]
+        cells = ['-' if not v else f'{v:.2f}' if i == 0 else f'{v:.2f} ({vals[0] / v:.2f}x)' for i, v in enumerate(vals)]
+        print(f'| {k} | ' + ' | '.join(cells) + ' |')
+    return per_model
 
 
 def main(argv=None):
@@ -92,6 +145,10 @@ def main(argv=None):
         row = table[name]
         print(f'| {name} | ' + ' | '.join(f'{row[b]:.2f}' for b in batches) + ' | ' +
               ' | '.join(f'{table["fp32"][b] / row[b]:.2f}x' for b in batches) + ' |')
+    if args.profile:
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, ) + tuple(example.shape[1:])).astype(np.float32)
+            profile([fp32] + args.models, names, opts, x, args.runs, args.warmup)
     return table
 
 

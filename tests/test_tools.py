@@ -370,11 +370,38 @@ def test_ptq_table_errors_are_one_line(args, message):
 
 def test_onnx_latency_benchmark_times_fp32_and_exported_models(float_run, tmp_path):
     tmp, cfg, ckpt = float_run
-    proc = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', '1,2', '--runs', '2', '--warmup', '1')
+    proc = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', '1,2', '--runs', '2', '--warmup', '1',
+                    '--profile')
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith('| fp32 |')]
     assert len(rows) == 1 and rows[0].count('1.00x') == 2
+    for table in proc.stdout.split('kernel time per run')[1:]:     # one per batch size
+        rows = {ln.split(' | ')[0][2:]: float(ln.split(' | ')[1].strip(' |')) for ln in table.splitlines()
+                if ln.startswith('| ') and not ln.startswith('| group')}
+        assert 'layer1' in rows and 'layer4' in rows
+        assert rows['all kernels'] == pytest.approx(sum(v for k, v in rows.items() if k != 'all kernels'), abs=0.03)
+    assert proc.stdout.count('| all kernels | ') == 2
     bad = run_tool('benchmarks/onnx_latency.py', cfg, ckpt, '--batch', 'one', check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch 'one': expected comma-separated integers, e.g. 1,32"
+
+
+def test_onnx_latency_kernel_groups_count_the_timed_runs_by_stage():
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import onnx_latency
+
+    def node(name, op, ts, dur):
+        return dict(cat='Node', name=f'{name}_kernel_time', ts=ts, dur=dur, args=dict(op_name=op))
+    events = [dict(cat='Session', name='model_run', ts=0, dur=100),     # the warm-up run: left out
+              node('/model/backbone/layer1/layer1.0/conv1/Conv', 'Conv', 10, 999),
+              dict(cat='Session', name='model_run', ts=200, dur=100),
+              node('/model/backbone/layer1/layer1.0/conv1/Conv', 'QLinearConv', 210, 3000),
+              node('/model/backbone/layer2/layer2.0/Add', 'QLinearAdd', 220, 1000),
+              node('/model/backbone/conv1/Conv', 'QLinearConv', 230, 500),
+              node('/model/neck/gap/GlobalAveragePool', 'GlobalAveragePool', 240, 200),
+              dict(cat='Node', name='/model/backbone/conv1/Conv_fence_before', ts=250, dur=5, args={}),
+              dict(cat='Session', name='model_run', ts=400, dur=100),
+              node('/model/backbone/layer1/layer1.0/conv1/Conv', 'QLinearConv', 410, 1000)]
+    assert onnx_latency.kernel_groups(events, runs=2) == dict(
+        layer1=2.0, layer2=0.5, **{'other convs': 0.25, 'other ops': 0.1})
 
 
 def test_analyze_names_layers_suggests_bits_within_budget_and_its_config_runs(float_run):
@@ -499,6 +526,22 @@ def test_benchmark_records_every_step_across_sittings(tmp_path, monkeypatch):
     text = (tmp_path / 'results.md').read_text()
     assert f'ptq_resnet18 5 s (commit c1, {steps["ptq_resnet18"]["date"]})' in text
     assert 'commit c2' in text.splitlines()[2] and 'latency 7 s (commit c3, d3)' in text
+
+
+def test_benchmark_keeps_the_latency_table_and_its_kernel_profile(tmp_path, monkeypatch):
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    ckpt = tmp_path / 'r18.pth'
+    ckpt.write_bytes(b'')
+    printed = ['some warning', 'onnxruntime 1.32.0, 2 threads, median of 50 runs after 5',
+               '| model | batch 1 (ms) | vs fp32 @1 |', '|---|---|---|', '| fp32 | 5.00 | 1.00x |',
+               '| q.onnx | 1.00 | 5.00x |', '',
+               'kernel time per run (ms, onnxruntime profiler, batch 1; ratio: fp32 / model)',
+               '| group | fp32 | q.onnx |', '|---|---|---|', '| layer1 | 4.00 | 1.00 (4.00x) |']
+    monkeypatch.setattr(benchmark, 'run', lambda name, argv, out_dir: (0, 1.0, '\n'.join(printed)))
+    benchmark.main(['--steps', 'latency', '--out-dir', str(tmp_path), '--checkpoints', f'resnet18={ckpt}'])
+    kept = (tmp_path / 'latency.md').read_text().splitlines()
+    assert kept == printed[1:] and 'kernel time per run' in (tmp_path / 'results.md').read_text()
 
 
 @pytest.mark.parametrize('args, message', [

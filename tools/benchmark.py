@@ -136,7 +136,7 @@ def commands(step, mode, ckpts, out_dir, jobs=1):
                              osp.join(work, 'r18_w8a8_int.onnx')], None),
             ('latency', [PY, 'benchmarks/onnx_latency.py', CONFIGS['resnet18'], ckpts['resnet18'],
                          osp.join(work, 'r18_w8a8_qdq.onnx'), osp.join(work, 'r18_w8a8_int.onnx'),
-                         '--runs', str(m['latency_runs'])], 'latency.md'),
+                         '--runs', str(m['latency_runs']), '--profile'], 'latency.md'),
         ]
     raise ValueError(step)
 
@@ -371,7 +371,9 @@ def main(argv=None):
         print(f'[{k + 1}/{len(plan)}] {name}: {"ok" if rc == 0 else f"FAILED (rc {rc}), see {out_dir}/{name}.log"} '
               f'({secs:.0f} s)', flush=True)
         if rc == 0 and name == 'latency':
-            table = [ln for ln in text.splitlines() if ln.startswith('|') or ln.startswith('onnxruntime ')]
+            keep = ('|', 'onnxruntime ', 'kernel time per run')    # the timing table and the profile's
+            table = [ln for ln in text.splitlines() if ln.startswith(keep)]
+            table = [('\n' if ln.startswith(keep[2]) else '') + ln for ln in table]
             write_text_atomic(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
     text = report(out_dir, env, args.mode, read_steps(steps_file))
     write_text_atomic(osp.join(out_dir, 'results.md'), text)
