@@ -1,8 +1,9 @@
 """onnxruntime latency of exported models against the float model, on this machine.
 
 The float checkpoint is exported as plain FP32 ONNX (same input and output as tools/export.py's
-graphs); then every model is timed in onnxruntime's CPU provider on random inputs of the test
-image size at each batch size: median over ``--runs`` runs after ``--warmup``, models interleaved
+graphs, and the same cut of the kernel taps that read only padding: mmquant.export.pad_taps);
+then every model is timed in onnxruntime's CPU provider on random inputs of the test image size
+at each batch size: median over ``--runs`` runs after ``--warmup``, models interleaved
 run by run so a drift of the machine hits all alike.
 
     python benchmarks/onnx_latency.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/epoch_8.pth \\
@@ -23,12 +24,14 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmen
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 
 from mmquant.engine.ptq_loop import TensorMode  # noqa: E402
+from mmquant.export import prune_padding_taps  # noqa: E402
 
 
 def fail(msg):
@@ -120,6 +123,8 @@ def main(argv=None):
     with torch.no_grad():
         torch.onnx.export(TensorMode(model), (example, ), fp32, opset_version=17, dynamo=False, input_names=['input'],
                           output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
+    # the same cut of padding-only kernel taps as tools/export.py's graphs get, so the baseline is like for like
+    onnx.save(prune_padding_taps(onnx.load(fp32))[0], fp32)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1

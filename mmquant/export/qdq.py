@@ -24,6 +24,7 @@ import os
 import warnings
 from typing import List, NamedTuple, Optional
 
+import onnx
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from ..convert import quant_layers
 from ..nn import stream_quantizers
 from ..quantizers import DoReFaActQuantizer, FixedPointQuantizer, LSQQuantizer, PACTQuantizer, UniformQuantizer
 from ..quantizers.functional import fake_quantize
+from .pad_taps import prune_padding_taps
 
 
 class QDQExportError(ValueError):
@@ -144,10 +146,11 @@ def qdq_mode(model: nn.Module, weight_dtype: str = 'int8'):
 
 def export_qdq(model: nn.Module, example: torch.Tensor, path: str, opset: int = 17,
                input_name: str = 'input', output_names: Optional[List[str]] = None,
-               weight_dtype: str = 'int8') -> str:
+               weight_dtype: str = 'int8', prune_taps: bool = True) -> str:
     """Export ``model`` (a module mapping the example tensor to its output tensors) as QDQ ONNX
     to ``path`` (written to a temporary file, then renamed); batch size stays dynamic.
-    ``weight_dtype='uint8'``: signed weights stored as uint8, zero point + 128 (module doc)."""
+    ``weight_dtype='uint8'``: signed weights stored as uint8, zero point + 128 (module doc).
+    ``prune_taps``: cut the kernel taps that read only padding (:mod:`.pad_taps`; exact)."""
     model.eval()
     tmp = path + '.tmp'
     with torch.no_grad():
@@ -161,5 +164,7 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path: str, opset: int = 
         axes = {input_name: {0: 'batch'}, **{n: {0: 'batch'} for n in names}}
         torch.onnx.export(model, (example, ), tmp, opset_version=opset, dynamo=False, input_names=[input_name],
                           output_names=names, dynamic_axes=axes, do_constant_folding=True)
+    if prune_taps:
+        onnx.save(prune_padding_taps(onnx.load(tmp))[0], tmp)
     os.replace(tmp, path)
     return path
