@@ -481,6 +481,9 @@ def test_benchmark_plans_every_step_and_renders_tables_and_plots(tmp_path):
     assert '| lsq | W4A4 | 91.50 | -0.50 | 300 |' in text and 'commit c' in text
     for png in ('resnet18_bits.png', 'resnet18_pareto.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG' and f'({png})' in text
+    # the plots' y axis starts 5 under float when a collapsed cell (50.0 here) would squash the others
+    assert benchmark.plot_floor([91.0, 91.8, 50.0, 89.0], 92.0) == 87.0
+    assert benchmark.plot_floor([91.0, 89.0], 92.0) == -float('inf') == benchmark.plot_floor([50.0], None)
 
 
 def test_benchmark_records_every_step_across_sittings(tmp_path, monkeypatch):

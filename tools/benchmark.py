@@ -228,34 +228,63 @@ def plot_ptq(name, result, extra, out_dir):
     settings = list(dict.fromkeys(r['bits'] for r in rows))
     columns = list(dict.fromkeys(r['column'] for r in rows))
     paths = []
+    floor = plot_floor([r['value'] for r in rows], fp and fp['value'])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for c in columns:
         ys = [next((r['value'] for r in rows if r['bits'] == b and r['column'] == c), float('nan')) for b in settings]
-        ax.plot(range(len(settings)), ys, marker='o', label=c)
+        line, = ax.plot(range(len(settings)), [max(y, floor) for y in ys], marker='o', label=c)
+        _mark_below(ax, list(range(len(settings))), ys, floor, line.get_color())
     if fp:
         ax.axhline(fp['value'], color='grey', ls='--', lw=1, label='float')
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels([b.upper() for b in settings])
-    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against bits',
+    below = '' if floor == -float('inf') else f'\n(values under {floor:.1f}: on the floor, written)'
+    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against bits{below}',
                          osp.join(out_dir, f'{name}_bits.png')))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     pts = [(r['weight_bytes'] / 1e6, r['value'], r['column']) for r in rows if r.get('weight_bytes')]
     if fp and fp.get('weight_bytes'):
         pts.append((fp['weight_bytes'] / 1e6, fp['value'], 'float'))
     for c in dict.fromkeys(p[2] for p in pts):
-        ax.scatter([p[0] for p in pts if p[2] == c], [p[1] for p in pts if p[2] == c], label=c, s=18)
+        mine = [p for p in pts if p[2] == c]
+        dots = ax.scatter([p[0] for p in mine], [max(p[1], floor) for p in mine], label=c, s=18)
+        _mark_below(ax, [p[0] for p in mine], [p[1] for p in mine], floor, dots.get_facecolor()[0])
     front, best = [], -float('inf')
     for x, y, _ in sorted(pts, key=lambda p: (p[0], -p[1])):     # the best at each size first
         if y > best:
             front.append((x, y))
             best = y
     if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where='post', color='black', lw=1, label='Pareto front')
+        ax.step([p[0] for p in front], [max(p[1], floor) for p in front], where='post', color='black', lw=1,
+                label='Pareto front')
     ax.set_xscale('log')
+    sizes = sorted({round(p[0], 2) for p in pts})
+    ax.set_xticks(sizes, [f'{v:.1f}' for v in sizes], minor=False)
+    ax.set_xticks([], minor=True)
     ax.set_xlabel('weights (MB)')
-    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against size',
+    paths.append(_finish(plt, fig, ax, result['metric'], f'{name}: accuracy against size{below}',
                          osp.join(out_dir, f'{name}_pareto.png')))
     return paths
+
+
+FLOOR_BELOW_FLOAT = 5.0   # points of the plots: the y axis starts this far below float
+
+
+def plot_floor(values, fp):
+    """The y axis' lower end: ``FLOOR_BELOW_FLOAT`` under the float result when a collapsed cell
+    (min-max at 2 bits: 10%) would otherwise squash the methods that work into one line, else
+    ``-inf`` (no floor)."""
+    if fp is None or not values or min(values) >= fp - FLOOR_BELOW_FLOAT:
+        return -float('inf')
+    return fp - FLOOR_BELOW_FLOAT
+
+
+def _mark_below(ax, xs, ys, floor, color):
+    """Points under the floor: drawn on it as a down triangle with their value written."""
+    for x, y in zip(xs, ys):
+        if y < floor:
+            ax.scatter([x], [floor], marker='v', s=40, color=color, zorder=3)
+            ax.annotate(f'{y:.1f}', (x, floor), textcoords='offset points', xytext=(4, 4), fontsize=7, color=color)
 
 
 def _finish(plt, fig, ax, ylabel, title, path):
