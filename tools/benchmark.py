@@ -400,9 +400,9 @@ def main(argv=None):
         print(f'[{k + 1}/{len(plan)}] {name}: {"ok" if rc == 0 else f"FAILED (rc {rc}), see {out_dir}/{name}.log"} '
               f'({secs:.0f} s)', flush=True)
         if rc == 0 and name == 'latency':
-            keep = ('|', 'onnxruntime ', 'kernel time per run')    # the timing table and the profile's
+            keep = ('|', 'onnxruntime ', 'kernel time per run', 'fastest of')   # the timing tables, the profile's
             table = [ln for ln in text.splitlines() if ln.startswith(keep)]
-            table = [('\n' if ln.startswith(keep[2]) else '') + ln for ln in table]
+            table = [('\n' if ln.startswith(keep[2:]) else '') + ln for ln in table]
             write_text_atomic(osp.join(out_dir, 'latency.md'), '\n'.join(table) + '\n')
     text = report(out_dir, env, args.mode, read_steps(steps_file))
     write_text_atomic(osp.join(out_dir, 'results.md'), text)
