@@ -3,8 +3,12 @@
 The float checkpoint is exported as plain FP32 ONNX (same input and output as tools/export.py's
 graphs, and the same cut of the kernel taps that read only padding: mmquant.export.pad_taps);
 then every model is timed in onnxruntime's CPU provider on random inputs of the test image size
-at each batch size: median over ``--runs`` runs after ``--warmup``, models interleaved
-run by run so a drift of the machine hits all alike.
+at each batch size: median (and fastest) of ``--runs`` runs after ``--warmup``. The models take
+turns in blocks of 10 runs, so a drift of the machine hits all alike, and each block starts after
+a 50 ms sleep and one untimed run: onnxruntime's intra-op threads spin for a while after a run (its
+default, kept: it is how a deployed model runs), and turns of one run each let the previous model's
+spinning threads take the cores from the next one (on 2 cores the FP32 median at batch 32 doubled,
+from 14 ms alone to 32 ms interleaved run by run, measured here).
 
     python benchmarks/onnx_latency.py configs/resnet18_fashionmnist.py work_dirs/resnet18_fashionmnist/epoch_8.pth \\
         r18_w8a8.onnx r18_w4a4.onnx --batch 1,32 --threads 2
@@ -52,6 +56,10 @@ def parse_args(argv=None):
                    help='also time every kernel with onnxruntime\'s profiler and print where the time goes: '
                         'per stage (layerN), other convolutions (the stem) and other ops, against fp32')
     return p.parse_args(argv)
+
+
+BLOCK = 10   # timed runs of one model in a row
+PARK = 0.05  # seconds of sleep before each block
 
 
 CONV_OPS = ('Conv', 'FusedConv', 'QLinearConv', 'ConvInteger', 'NhwcFusedConv')
@@ -144,19 +152,26 @@ def main(argv=None):
     for b in batches:
         x = np.random.default_rng(0).standard_normal((b, ) + tuple(example.shape[1:])).astype(np.float32)
         times = [[] for _ in sessions]
-        for r in range(args.warmup + args.runs):
-            for i, s in enumerate(sessions):
-                t = time.perf_counter()
+        for s in sessions:
+            for _ in range(args.warmup):
                 s.run(None, {'input': x})
-                if r >= args.warmup:
+        done = 0
+        while done < args.runs:                 # rounds of blocks: model after model, each block a few runs
+            n = min(BLOCK, args.runs - done)
+            for i, s in enumerate(sessions):
+                time.sleep(PARK)                # the last model's threads stop spinning (module doc)
+                s.run(None, {'input': x})       # untimed
+                for _ in range(n):
+                    t = time.perf_counter()
+                    s.run(None, {'input': x})
                     times[i].append(time.perf_counter() - t)
+            done += n
         for i, name in enumerate(names):
             table.setdefault(name, {})[b] = 1000 * statistics.median(times[i])
             best.setdefault(name, {})[b] = 1000 * min(times[i])
     print(f'onnxruntime {ort.__version__}, {args.threads} threads, median of {args.runs} runs after {args.warmup}')
     print_table(table, batches)
-    # the fastest run: what the machine gives when nothing else wakes up (a shared 2-core VM's
-    # medians moved by 30% between runs here)
+    # the fastest run: what the machine gives when nothing else wakes up
     print(f'\nfastest of the {args.runs} runs')
     print_table(best, batches)
     if args.profile:
