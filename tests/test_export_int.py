@@ -103,6 +103,9 @@ def test_integer_graph_matches_simulator_bit_for_bit(tmp_path, bits, per_channel
                                 'Identity': [graph.graph.node[-1].name]}
     ops = {n.op_type for n in graph.graph.node}
     assert {'ConvInteger', 'MatMulInteger', 'BitShift'} <= ops and not ops & {'Conv', 'BatchNormalization', 'Gemm'}
+    # each integer node is named after the QDQ node it lowers (so profiles group it by layer)
+    convs = [n.name for n in graph.graph.node if n.op_type == 'ConvInteger']
+    assert convs and all(name.startswith('/') and '/Conv' in name for name in convs), convs
     # the integer arithmetic lands on the fake-quant model's codes (bias and BatchNorm are added
     # below one output step, residual sums kept to 2^-30 of their range)
     run_checked(path, torch.randn(16, 3, 12, 12), model)

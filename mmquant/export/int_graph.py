@@ -146,6 +146,7 @@ class _Graph:
         self.nodes: List[onnx.NodeProto] = []
         self.inits: Dict[str, onnx.TensorProto] = {}
         self.count = 0
+        self.scope = ''     # the QDQ node being lowered: the prefix of the node names (profiles by layer)
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -159,7 +160,8 @@ class _Graph:
 
     def op(self, op_type: str, inputs: List[str], hint: str, **attrs) -> str:
         out = self.fresh(hint)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        name = f'{self.scope}/{out}' if self.scope else out
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
         return out
 
 
@@ -270,6 +272,7 @@ class IntegerLowering:
         for node in self.src.graph.node:
             if node.name in self.skip:
                 continue
+            self.g.scope = node.name
             rule = getattr(self, f'op_{node.op_type}', None)
             ins = [self.vals.get(i) if i else None for i in node.input]
             if node.op_type in _NUMPY_OPS and all(isinstance(v, np.ndarray) for i, v in zip(node.input, ins) if i):
