@@ -15,7 +15,6 @@ from 14 ms alone to 32 ms interleaved run by run, measured here).
 """
 import argparse
 import json
-import os
 import os.path as osp
 import re
 import statistics
@@ -87,16 +86,15 @@ def profile(paths, names, opts, x, runs, warmup):
     """Print a table: kernel ms per group for each model, with the first's (fp32) time over it."""
     import onnxruntime as ort
     per_model = []
-    for path in paths:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = osp.join(tempfile.mkdtemp(), 'prof')
-        sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
-        for _ in range(warmup + runs):
-            sess.run(None, {'input': x})
-        prof = sess.end_profiling()
-        with open(prof) as f:
-            per_model.append(kernel_groups(json.load(f), runs))
-        os.remove(prof)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, path in enumerate(paths):
+            opts.enable_profiling = True
+            opts.profile_file_prefix = osp.join(tmp, f'model{k}')
+            sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+            for _ in range(warmup + runs):
+                sess.run(None, {'input': x})
+            with open(sess.end_profiling()) as f:
+                per_model.append(kernel_groups(json.load(f), runs))
     opts.enable_profiling = False
     keys = sorted({k for g in per_model for k in g}, key=lambda k: (not STAGE.fullmatch(k), k))
     print(f'\nkernel time per run (ms, onnxruntime profiler, batch {x.shape[0]}; ratio: fp32 / model)')
