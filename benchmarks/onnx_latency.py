@@ -147,8 +147,9 @@ def main(argv=None):
     names = ['fp32'] + [osp.basename(m) for m in args.models]
     sessions = [ort.InferenceSession(p, opts, providers=['CPUExecutionProvider']) for p in [fp32] + args.models]
     table, best = {}, {}
-    for b in batches:
-        x = np.random.default_rng(0).standard_normal((b, ) + tuple(example.shape[1:])).astype(np.float32)
+    inputs = {b: np.random.default_rng(0).standard_normal((b, ) + tuple(example.shape[1:])).astype(np.float32)
+              for b in batches}
+    for b, x in inputs.items():
         times = [[] for _ in sessions]
         for s in sessions:
             for _ in range(args.warmup):
@@ -173,8 +174,7 @@ def main(argv=None):
     print(f'\nfastest of the {args.runs} runs')
     print_table(best, batches)
     if args.profile:
-        for b in batches:
-            x = np.random.default_rng(0).standard_normal((b, ) + tuple(example.shape[1:])).astype(np.float32)
+        for x in inputs.values():
             profile([fp32] + args.models, names, opts, x, args.runs, args.warmup)
     return table
 
